@@ -1,0 +1,51 @@
+# d2v — two commands do everything on a fresh machine:
+#   make pretrain MODALITY=vision     (set up, demo corpus, shard, pretrain on local Ray, register in MLflow)
+#   make test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.d2v-installed
+TORCH_CPU := torch==2.13.0
+
+MODALITY ?= vision
+PRESET ?= tiny
+DATA ?= data/$(MODALITY)
+WORKERS ?= 2
+RUN_NAME ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test bench pretrain workflow mlflow-ui clean
+
+setup: $(STAMP)
+
+# CPU torch first (a local wheel here; an unpinned torch would pull a multi-GB CUDA build), then the project.
+$(STAMP): pyproject.toml
+	@command -v espeak-ng >/dev/null || { echo "installing espeak-ng (offline speech synthesis for the audio demo corpus)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; fi; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m workers.bench
+
+pretrain: setup
+	$(VENV)/bin/d2v demo-data $(MODALITY) data/demo-$(MODALITY) --skip-existing
+	$(VENV)/bin/d2v shard $(MODALITY) --input data/demo-$(MODALITY)/pretrain --output $(DATA)
+	$(VENV)/bin/d2v pretrain $(MODALITY) --data $(DATA) --preset $(PRESET) --workers $(WORKERS) $(if $(RUN_NAME),--run-name $(RUN_NAME))
+
+workflow: setup
+	$(VENV)/bin/d2v workflow $(MODALITY)
+
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf runs mlflow.db mlartifacts .pytest_cache

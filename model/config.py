@@ -1,0 +1,373 @@
+"""Typed configuration for d2v: one pydantic model per concern, validated on construction.
+
+Every field is documented; invalid values or combinations are rejected with a message that names the
+field. `Config` is the resolved whole that is saved with every run (`to_yaml` / `from_yaml`) and
+overridden from the command line with `apply_overrides(cfg, ["optim.lr=1e-3", ...])`.
+Presets live in `model.presets`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Modality = Literal["vision", "audio", "text"]
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error naming the key, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+class ImageFrontendConfig(_Strict):
+    """Conv2d patch embedding + CLS token (BEiT / ViT)."""
+
+    kind: Literal["image"] = "image"
+    image_size: int = Field(224, gt=0, description="square input side in pixels")
+    patch_size: int = Field(16, gt=0, description="square patch side; image_size must be a multiple")
+    in_chans: int = Field(3, gt=0, description="input channels")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ImageFrontendConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.frontend.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class AudioFrontendConfig(_Strict):
+    """wav2vec 2.0 conv feature extractor ("layer_norm" mode) + LayerNorm + Linear, and the conv positional encoder."""
+
+    kind: Literal["audio"] = "audio"
+    conv_layers: list[tuple[int, int, int]] = Field(
+        default_factory=lambda: [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2,
+        description="(channels, kernel, stride) per conv layer; 16 kHz in -> ~50 Hz out with the default",
+    )
+    conv_bias: bool = Field(False, description="bias in the feature-extractor convs")
+    pos_conv_depth: int = Field(5, ge=1, description="number of stacked positional conv layers")
+    pos_conv_kernel: int = Field(19, ge=1, description="kernel of each positional conv layer")
+    pos_conv_groups: int = Field(16, ge=1, description="groups of each positional conv layer")
+    feature_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the extracted features")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.conv_layers[-1][0]
+
+
+class TextFrontendConfig(_Strict):
+    """Token embeddings + learned absolute positions (RoBERTa offset) + embedding LayerNorm."""
+
+    kind: Literal["text"] = "text"
+    vocab_size: int = Field(50265, gt=4, description="vocabulary size (the tokenizer's, incl. specials)")
+    max_positions: int = Field(514, gt=2, description="position table size incl. the pad offset (512 + 2)")
+    pad_id: int = Field(1, ge=0, description="padding token id; positions start at pad_id + 1")
+    bos_id: int = Field(0, ge=0, description="<s> token id")
+    eos_id: int = Field(2, ge=0, description="</s> token id")
+    unk_id: int = Field(3, ge=0, description="<unk> token id")
+    mask_id: int = Field(4, ge=0, description="<mask> token id (masking replaces inputs with it)")
+
+
+FrontendConfig = Annotated[
+    Union[ImageFrontendConfig, AudioFrontendConfig, TextFrontendConfig], Field(discriminator="kind")
+]
+
+
+class TrunkConfig(_Strict):
+    """The shared transformer trunk."""
+
+    dim: int = Field(768, gt=0, description="model width D")
+    depth: int = Field(12, gt=0, description="number of blocks")
+    heads: int = Field(12, gt=0, description="attention heads; dim must be divisible by heads")
+    ffn_dim: int = Field(3072, gt=0, description="hidden width of the feed-forward network")
+    norm_style: Literal["pre", "post"] = Field(
+        "post", description="pre-LN (BEiT/ViT) or post-LN (wav2vec 2.0 / RoBERTa) blocks"
+    )
+    ln_eps: float = Field(1e-5, gt=0, description="LayerNorm epsilon in the blocks")
+    layer_scale_init: float | None = Field(
+        None, gt=0, description="initial value of per-channel layer scale (BEiT), None = off"
+    )
+    qkv_bias: Literal["none", "qv", "qkv"] = Field(
+        "qkv", description="attention input biases; 'qv' = BEiT (a key bias cancels in softmax)"
+    )
+    rel_pos_bias: bool = Field(False, description="one relative position bias table shared by all blocks")
+    input_norm: bool = Field(
+        False, description="LayerNorm on the block input before the first block (wav2vec 2.0 post-LN trunk)"
+    )
+    final_norm: bool = Field(False, description="LayerNorm after the last block (pre-LN trunks)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout after attention/FFN outputs")
+    attn_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on attention probabilities")
+    activation_dropout: float = Field(0.0, ge=0, lt=1, description="dropout after the FFN activation")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="max stochastic depth rate (linear over depth)")
+    layerdrop: float = Field(0.0, ge=0, lt=1, description="probability of skipping a whole block in training")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrunkConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"model.trunk.dim={self.dim} is not divisible by model.trunk.heads={self.heads}")
+        if self.layerdrop > 0 and self.drop_path > 0:
+            raise ValueError("model.trunk: use either layerdrop or drop_path, not both")
+        return self
+
+
+class HeadConfig(_Strict):
+    """Regression head on the student's final output."""
+
+    kind: Literal["linear", "mlp"] = Field("linear", description="Linear(D,D) or Linear(D,hD)-GELU-Linear(hD,D)")
+    hidden_mult: int = Field(2, gt=0, description="hidden width multiple for kind='mlp'")
+
+
+class ModelConfig(_Strict):
+    modality: Modality = Field(description="which front end and data pipeline")
+    frontend: FrontendConfig
+    trunk: TrunkConfig = Field(default_factory=TrunkConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    init_std: float = Field(0.02, gt=0, description="std of truncated-normal init of linear layers")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        want = {"vision": "image", "audio": "audio", "text": "text"}[self.modality]
+        if self.frontend.kind != want:
+            raise ValueError(
+                f"model.frontend.kind={self.frontend.kind!r} does not fit model.modality={self.modality!r}; "
+                f"expected {want!r}"
+            )
+        if self.trunk.rel_pos_bias and self.modality != "vision":
+            raise ValueError("model.trunk.rel_pos_bias is only defined for vision (a 2-D patch grid)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- masking
+class BlockMaskConfig(_Strict):
+    """BEiT block masking on the patch grid."""
+
+    kind: Literal["block"] = "block"
+    num_masked: int = Field(120, gt=0, description="patches masked per image (120 of 196 = ~60%)")
+    min_block: int = Field(16, gt=0, description="minimum patches per block")
+    max_block: int | None = Field(None, description="maximum patches per block (None = num_masked)")
+    min_aspect: float = Field(0.3, gt=0, description="min block aspect ratio; max is 1/min_aspect")
+
+
+class SpanMaskConfig(_Strict):
+    """Span masking (wav2vec 2.0 / fairseq compute_mask_indices): random starts, fixed length, overlaps allowed."""
+
+    kind: Literal["span"] = "span"
+    mask_prob: float = Field(0.65, gt=0, lt=1, description="fraction of steps chosen as span starts x length")
+    span_length: int = Field(10, gt=0, description="length of each span in steps (tokens for text)")
+    min_spans: int = Field(1, ge=0, description="at least this many spans per sample")
+
+
+class BertMaskConfig(_Strict):
+    """BERT masking for text: choose prob of tokens; of those 80% <mask>, 10% random, 10% unchanged."""
+
+    kind: Literal["bert"] = "bert"
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of (non-special) tokens chosen")
+    replace_mask: float = Field(0.8, ge=0, le=1, description="of the chosen, fraction replaced by <mask>")
+    replace_random: float = Field(0.1, ge=0, le=1, description="of the chosen, fraction replaced by a random token")
+
+    @model_validator(mode="after")
+    def _check(self) -> "BertMaskConfig":
+        if self.replace_mask + self.replace_random > 1:
+            raise ValueError("masking.replace_mask + masking.replace_random must be <= 1")
+        return self
+
+
+MaskingConfig = Annotated[Union[BlockMaskConfig, SpanMaskConfig, BertMaskConfig], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------- teacher
+class TeacherConfig(_Strict):
+    """EMA teacher: tau rises linearly from tau0 to tau_end over tau_steps updates, then stays."""
+
+    tau0: float = Field(0.999, ge=0, le=1, description="EMA decay at step 0")
+    tau_end: float = Field(0.9999, ge=0, le=1, description="EMA decay from tau_steps on")
+    tau_steps: int = Field(30000, ge=0, description="updates over which tau anneals (0 = constant tau0)")
+    scope: Literal["all", "layers"] = Field(
+        "layers",
+        description="'all': every encoder parameter averaged (vision); 'layers': only the transformer "
+        "blocks and trunk norms averaged, front end and positional encoder copied from the student",
+    )
+
+
+# ------------------------------------------------------------------------------------- targets/loss
+class TargetConfig(_Strict):
+    top_k: int = Field(8, gt=0, description="average the outputs of the top K teacher blocks")
+    layer_output: Literal["ffn", "block"] = Field(
+        "ffn", description="'ffn': FFN output before the last residual; 'block': end of block"
+    )
+    layer_norm: Literal["instance", "layer", "none"] = Field(
+        "instance", description="normalisation of each layer's output before averaging"
+    )
+    final_norm: Literal["instance", "layer", "none"] = Field("none", description="normalisation of the average")
+
+
+class LossConfig(_Strict):
+    kind: Literal["l2", "smooth_l1"] = Field("l2", description="regression loss")
+    beta: float = Field(0.0, ge=0, description="smooth L1 transition point (kind='smooth_l1')")
+    dim_reduce: Literal["sum", "mean"] = Field("sum", description="reduction over feature dims")
+    scale: Literal["inv_sqrt_dim", "one"] = Field(
+        "inv_sqrt_dim", description="multiply per-step loss by 1/sqrt(D) or 1"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LossConfig":
+        if self.kind == "smooth_l1" and self.beta <= 0:
+            raise ValueError("loss.beta must be > 0 for loss.kind='smooth_l1' (use kind='l2' for beta=0)")
+        return self
+
+
+# -------------------------------------------------------------------------------------- optimisation
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw"] = Field("adamw", description="decoupled weight decay in both cases")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas")
+    eps: float = Field(1e-6, gt=0, description="Adam epsilon")
+    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay (not on 1-D params, pos, cls)")
+    schedule: Literal["cosine", "tri_stage", "constant"] = Field("cosine", description="LR schedule")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup (cosine)")
+    final_lr: float = Field(0.0, ge=0, description="LR at the end of the cosine schedule")
+    tri_stage: tuple[float, float, float] = Field(
+        (0.03, 0.9, 0.07), description="tri_stage: warmup / hold / decay fractions of max_steps"
+    )
+    tri_stage_final_scale: float = Field(0.05, gt=0, description="tri_stage: final LR = lr x this")
+    clip_norm: float | None = Field(None, gt=0, description="gradient clipping max norm, None = off")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.schedule == "tri_stage" and abs(sum(self.tri_stage) - 1.0) > 1e-6:
+            raise ValueError(f"optim.tri_stage fractions must sum to 1, got {self.tri_stage}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- data
+class DataConfig(_Strict):
+    # vision
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    hflip: bool = Field(True, description="random horizontal flip")
+    color_jitter: float = Field(0.4, ge=0, description="brightness/contrast/saturation jitter strength")
+    # audio
+    max_samples: int = Field(250_000, gt=0, description="audio: random crop to at most this many samples")
+    min_samples: int = Field(32_000, gt=0, description="audio: shorter clips are dropped by the loader")
+    normalize: bool = Field(True, description="audio: zero-mean unit-variance per utterance")
+    # text
+    block_size: int = Field(512, gt=2, description="text: tokens per training block")
+    # loading
+    shuffle_buffer: int = Field(1000, ge=0, description="sample shuffle buffer per loader worker")
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per Train worker")
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(400_000, gt=0, description="optimizer updates")
+    batch_size: int = Field(8, gt=0, description="samples per worker per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per update")
+    checkpoint_every: int = Field(1000, gt=0, description="checkpoint period in updates")
+    log_every: int = Field(10, gt=0, description="metric/progress period in updates")
+    seed: int = Field(0, description="global seed")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
+    collapse_min_target_var: float = Field(0.1, ge=0, description="stop if target variance falls below")
+    collapse_min_pred_var: float = Field(0.01, ge=0, description="stop if prediction variance falls below")
+    collapse_after: int = Field(5000, ge=0, description="collapse guard active from this update on")
+
+
+class Config(_Strict):
+    """The resolved configuration of one run."""
+
+    version: Literal["v1"] = Field("v1", description="data2vec version")
+    preset: str = Field("custom", description="name of the preset this config came from")
+    model: ModelConfig
+    masking: MaskingConfig
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    targets: TargetConfig = Field(default_factory=TargetConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        m = self.model.modality
+        allowed = {"vision": ("block",), "audio": ("span",), "text": ("bert", "span")}[m]
+        if self.masking.kind not in allowed:
+            raise ValueError(f"masking.kind={self.masking.kind!r} is not valid for {m}; allowed: {allowed}")
+        if isinstance(self.masking, BlockMaskConfig):
+            n = self.model.frontend.grid ** 2  # type: ignore[union-attr]
+            if self.masking.num_masked >= n:
+                raise ValueError(f"masking.num_masked={self.masking.num_masked} must be < {n} patches")
+        if self.targets.top_k > self.model.trunk.depth:
+            raise ValueError(
+                f"targets.top_k={self.targets.top_k} exceeds model.trunk.depth={self.model.trunk.depth}"
+            )
+        return self
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Config":
+        return cls.model_validate(yaml.safe_load(text))
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the field at fault named in the message."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        extra = ""
+        if e.get("ctx") and "expected" in e["ctx"]:
+            extra = f" (allowed: {e['ctx']['expected']})"
+        lines.append(f"{loc or '<config>'}: {msg}{extra}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Return a new Config with `a.b.c=value` overrides applied (values parsed as YAML)."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(_unknown_key(parts[: i + 1], node))
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node:
+            # a discriminated union member may legitimately gain a field after 'kind' changes
+            if not (isinstance(node, dict) and "kind" in node):
+                raise ConfigError(_unknown_key(parts, node))
+        node[parts[-1]] = yaml.safe_load(raw)
+        if parts[-1] == "kind" and isinstance(node, dict):
+            # switching a union member: keep only the new kind so defaults apply
+            for k in list(node):
+                if k != "kind":
+                    del node[k]
+    return validate(data)
+
+
+def _unknown_key(parts: list[str], node: Any) -> str:
+    allowed = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
+    return f"unknown config key {'.'.join(parts)!r}; allowed here: {allowed}"
