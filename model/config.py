@@ -188,7 +188,7 @@ class TeacherConfig(_Strict):
 
     tau0: float = Field(0.999, ge=0, le=1, description="EMA decay at step 0")
     tau_end: float = Field(0.9999, ge=0, le=1, description="EMA decay from tau_steps on")
-    tau_steps: int = Field(30000, ge=0, description="updates over which tau anneals (0 = constant tau0)")
+    tau_steps: int = Field(30000, ge=0, description="updates over which tau anneals (0 = constant tau_end)")
     scope: Literal["all", "layers"] = Field(
         "layers",
         description="'all': every encoder parameter averaged (vision); 'layers': only the transformer "

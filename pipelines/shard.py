@@ -1,0 +1,674 @@
+"""`d2v shard`: raw files → exact-size WebDataset shards + manifest, as a resumable Ray Data job.
+
+Stages (each a pure function of the sorted input listing, so reruns are byte-identical):
+  list      sorted listing of SRC; its fingerprint + options → DST/_plan.json, written before any shard
+  validate  Ray Data map_batches over the listing: decode + validate every input, keep METADATA only
+            (text: files are cut into ~8 MiB pieces at blank lines; tokens are counted per piece)
+  plan      driver: good inputs in sorted order → shard i holds samples [i*N, (i+1)*N)
+  write     one Ray task per shard: re-read + encode its inputs, tar → `<name>.tmp` → rename into place;
+            shards already in place are skipped (their tar index is read back for the manifest)
+  finish    manifest.parquet, rejects.parquet, stats.json (atomic; identical files are left untouched)
+
+Memory: the driver holds per-input metadata only (Arrow, tens of bytes per input); payloads never leave
+the task that encodes them and a task holds one shard. The price is decoding good inputs twice: the plan
+needs the global count of good inputs before any shard can be cut, and decoding again is cheaper than
+keeping (or shuffling) every payload in the object store until then. Validation results are cached in
+DST/_stage1.parquet, so a resumed job only redoes the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import ray
+import ray.data
+
+from pipelines import fs
+from pipelines import manifest as mf
+from pipelines.decode import (AUDIO_EXTS, MAX_IMAGE_PIXELS, TEXT_EXTS, Reject, decode_audio, decode_image,
+                              iter_pieces, text_documents)
+from pipelines.tokenizer import encode_documents, load_tokenizer, train_bpe
+
+Modality = Literal["vision", "audio", "text"]
+MIN_TAIL_TOKENS = 16  # the last partial text block is kept only if it has at least this many tokens
+PIECE_BYTES = 8 << 20  # text files are validated/encoded in pieces of about this size
+ROWS_PER_TASK = {"vision": 16, "audio": 8, "text": 4, "pieces": 8}  # inputs per validate task
+
+_LIST = pa.list_(pa.int64())
+STAGE1_SCHEMA = pa.schema([
+    ("idx", pa.int64()), ("source", pa.string()),
+    ("stage", pa.string()), ("reason", pa.string()),  # null when the input is good
+    ("ext", pa.string()), ("length", pa.int64()), ("label", pa.string()), ("meta", pa.string()),
+    ("piece_start", _LIST), ("piece_end", _LIST), ("piece_tokens", _LIST),  # text only
+])
+
+_COUNT_SCHEMA = pa.schema([("idx", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64())])
+
+
+class ShardJobError(RuntimeError):
+    """The job cannot proceed safely (DST mismatch, input changed mid-run); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every Ray task needs; small and picklable."""
+
+    modality: str
+    src_fs: pafs.FileSystem
+    src_root: str
+    dst_fs: pafs.FileSystem
+    dst: str
+    options: dict
+    tokenizer_json: str | None = None
+
+    def src(self, rel: str) -> str:
+        return posixpath.join(self.src_root, rel)
+
+
+def run_shard(modality: Modality, input: str, output: str, *, samples_per_shard: int = 1000,
+              tokenizer: str | None = None, overwrite: bool = False, block_size: int = 512,
+              vocab_size: int = 4096, image_max_side: int | None = None, min_seconds: float = 0.5,
+              max_seconds: float = 30.0, max_image_pixels: int = MAX_IMAGE_PIXELS,
+              ray_address: str | None = None) -> dict:
+    """Shard `input` into `output`; returns the stats also written to `output/stats.json`.
+
+    samples_per_shard counts text blocks for text. See the module docstring for the stages and
+    pipelines/manifest.py for the output formats.
+    """
+    t_start = time.monotonic()
+    _check_args(modality, samples_per_shard, block_size, image_max_side, min_seconds, max_seconds)
+    src, dst = fs.resolve(input), fs.resolve(output)
+    root, entries = fs.list_files(src)
+    if not entries:
+        raise ShardJobError(f"input {input} contains no files; point --input at the raw corpus")
+    _check_not_nested(src, dst)
+    tok_json = _given_tokenizer(tokenizer) if modality == "text" and tokenizer else None
+    options = _options(modality, samples_per_shard, block_size, vocab_size, image_max_side, max_image_pixels,
+                       min_seconds, max_seconds, tok_json)
+    plan = {"format": mf.FORMAT_VERSION, "modality": modality, "input": input, "inputs": len(entries),
+            "input_bytes": sum(e.size for e in entries), "options": options,
+            "fingerprint": mf.fingerprint(entries, modality, options)}
+    _prepare_dst(dst, plan, overwrite)
+    job = Job(modality, src.fs, root, dst.fs, dst.path, options, tok_json)
+    log = _Log(modality)
+    log(f"{len(entries)} files ({plan['input_bytes'] / 1e6:.1f} MB) under {input} → {output}")
+
+    inputs, sidecars, list_rejects = _classify(modality, entries, explicit_file=(root != src.path))
+    with _ray_session(ray_address, log):
+        if modality == "text":
+            stage1, job = _stage1_text(job, inputs, list_rejects, plan["fingerprint"], log)
+            result = _shard_text(job, stage1, log)
+        else:
+            stage1 = _stage1_media(job, inputs, sidecars, list_rejects, plan["fingerprint"], log)
+            result = _shard_media(job, stage1, log)
+    return _finish(job, plan, output, stage1, result, len(inputs), len(sidecars), time.monotonic() - t_start, log)
+
+
+# ---------------------------------------------------------------- setup
+
+def _check_args(modality, samples_per_shard, block_size, image_max_side, min_seconds, max_seconds) -> None:
+    if modality not in ("vision", "audio", "text"):
+        raise ValueError(f"modality must be vision, audio or text, not {modality!r}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if block_size < 2:
+        raise ValueError(f"block_size must be >= 2 tokens, got {block_size}")
+    if image_max_side is not None and image_max_side < 1:
+        raise ValueError(f"image_max_side must be >= 1 or None, got {image_max_side}")
+    if not 0 <= min_seconds < max_seconds:
+        raise ValueError(f"need 0 <= min_seconds < max_seconds, got {min_seconds} and {max_seconds}")
+
+
+def _options(modality, spp, block_size, vocab_size, max_side, max_pixels, min_s, max_s, tok_json) -> dict:
+    """The options that shape the output (and so belong in the fingerprint), per modality."""
+    if modality == "vision":
+        return {"samples_per_shard": spp, "image_max_side": max_side, "max_image_pixels": max_pixels}
+    if modality == "audio":
+        return {"samples_per_shard": spp, "min_seconds": min_s, "max_seconds": max_s}
+    return {"samples_per_shard": spp, "block_size": block_size, "min_tail_tokens": MIN_TAIL_TOKENS,
+            "vocab_size": None if tok_json else vocab_size,
+            "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest() if tok_json else None}
+
+
+def _given_tokenizer(uri: str) -> str:
+    loc = fs.resolve(uri)
+    try:
+        text = fs.read_bytes(loc.fs, loc.path).decode("utf-8")
+    except (FileNotFoundError, UnicodeDecodeError) as e:
+        raise ValueError(f"--tokenizer {uri}: cannot read it as a UTF-8 JSON file ({e})") from None
+    load_tokenizer(text, where=f"--tokenizer {uri}")  # raises with the contract if specials are wrong
+    return text
+
+
+def _check_not_nested(src: fs.Location, dst: fs.Location) -> None:
+    if type(src.fs) is type(dst.fs) and (dst.path + "/").startswith(src.path.rstrip("/") + "/"):
+        raise ValueError(f"--output {dst.uri} is inside --input {src.uri}; its files would become inputs. "
+                         "Choose an output outside the input tree.")
+
+
+def _is_ours(name: str) -> bool:
+    base = name.removesuffix(fs.TMP_SUFFIX)
+    return bool(mf.SHARD_RE.match(base)) or base in (mf.PLAN, mf.MANIFEST, mf.REJECTS, mf.STATS, mf.STAGE1,
+                                                     mf.TOKENIZER)
+
+
+def _prepare_dst(dst: fs.Location, plan: dict, overwrite: bool) -> None:
+    """Refuse a DST planned for other inputs/options; with overwrite, delete our files there first."""
+    dst.fs.create_dir(dst.path, recursive=True)
+    names = [n for n in fs.list_dir(dst.fs, dst.path) if _is_ours(n)]
+    plan_path = dst.join(mf.PLAN)
+    if overwrite:
+        fs.delete(dst.fs, plan_path)  # first: a crash mid-cleanup leaves files without a plan → refused
+        for n in names:
+            fs.delete(dst.fs, dst.join(n))
+    elif mf.PLAN in names:
+        old = json.loads(fs.read_bytes(dst.fs, plan_path))
+        if old.get("fingerprint") != plan["fingerprint"]:
+            raise ShardJobError(mf.plan_mismatch(dst.uri, old, plan))
+    elif names:
+        raise ShardJobError(f"{dst.uri} already contains {', '.join(names[:3])}… but no {mf.PLAN}, so it "
+                            "cannot be checked against this input. Re-run with --overwrite to replace them, "
+                            "or choose another --output.")
+    for n in names:  # stale temp files of a killed run
+        if n.endswith(fs.TMP_SUFFIX) and not overwrite:
+            fs.delete(dst.fs, dst.join(n))
+    fs.write_bytes(dst.fs, plan_path, mf.json_bytes(plan) + b"\n", only_if_changed=True)
+
+
+def _classify(modality, entries, explicit_file: bool):
+    """→ (inputs, sidecars, list-stage rejects). Inputs are every file except sidecars (transcripts)."""
+    inputs, sidecars, rejects = [], [], []
+    allowed = {"audio": AUDIO_EXTS, "text": TEXT_EXTS}.get(modality)
+    for e in entries:
+        ext = posixpath.splitext(e.rel)[1].lower()
+        if modality == "audio" and e.rel.lower().endswith(".trans.txt"):
+            sidecars.append(e)
+            continue
+        inputs.append(e)
+        if allowed and not explicit_file and ext not in allowed:
+            rejects.append((e.rel, "list", f"unsupported extension {ext or '(none)'!r} for {modality}; "
+                                           f"expected one of {', '.join(sorted(allowed))}"))
+    return inputs, sidecars, rejects
+
+
+@contextmanager
+def _ray_session(address: str | None, log):
+    """Use a running Ray; else connect to `address`/RAY_ADDRESS; else start a local one (and stop it)."""
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address and address.startswith(("http://", "https://")):
+            raise ValueError(f"RAY_ADDRESS={address} is a Ray Jobs address; run `d2v shard` inside a submitted job, "
+                             "or point RAY_ADDRESS at the cluster itself (host:6379 or ray://host:10001)")
+        if address:  # the cluster must import `pipelines`: image, or the submitting job's working_dir
+            ray.init(address=address)
+        else:  # headroom: the driver and Ray Data's scheduling share the box with the tasks
+            ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, runtime_env=_local_env())
+        started = True
+        log(f"ray: {'connected to ' + address if address else 'started a local instance'}")
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # our progress lines replace them
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = bars
+        if started:
+            ray.shutdown()  # disconnects from a remote cluster; stops only a local one we started
+
+
+def _local_env() -> dict:
+    """Workers of a local instance must import this package even when it is not pip-installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding pipelines/
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+class _Log:
+    """Progress lines to stderr; `tick` prints at most every `every` seconds (and always at the end)."""
+
+    def __init__(self, modality: str, every: float = 2.0):
+        self.prefix, self.every, self.last = f"d2v shard {modality}:", every, 0.0
+
+    def __call__(self, msg: str) -> None:
+        print(self.prefix, msg, file=sys.stderr, flush=True)
+
+    def tick(self, msg: str, final: bool = False) -> None:
+        if final or time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            self(msg)
+
+
+# ---------------------------------------------------------------- Ray helpers
+
+def _map(fn, rows: pa.Table, job: Job, rows_per_task: int, what: str, log, schema=None) -> pa.Table:
+    """Ray Data map_batches of `fn(table, job)` over `rows`, streamed back with progress; sorted by idx."""
+    if rows.num_rows == 0:
+        return (schema or STAGE1_SCHEMA).empty_table()
+    rows_per_task = max(rows_per_task, -(-rows.num_rows // 4096))  # ≤ ~4k tasks, however big the corpus
+    blocks = [rows.slice(i, rows_per_task) for i in range(0, rows.num_rows, rows_per_task)]
+    ds = ray.data.from_arrow(blocks).map_batches(fn, fn_kwargs={"job": job}, batch_size=None,
+                                                 batch_format="pyarrow", num_cpus=1)
+    out, done, bad, t0 = [], 0, 0, time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        out.append(batch)
+        done += batch.num_rows
+        bad += batch.num_rows - batch.column("reason").null_count if "reason" in batch.column_names else 0
+        rate = done / max(time.monotonic() - t0, 1e-9)
+        log.tick(f"{what} {done}/{rows.num_rows} | rejects {bad} | {rate:.1f}/s", final=done == rows.num_rows)
+    keys = [("idx", "ascending")] + ([("k", "ascending")] if "k" in rows.column_names else [])
+    return pa.concat_tables(out).sort_by(keys)
+
+
+def _run_shard_tasks(task, specs: list[tuple], log, samples_total: int, rejects: int) -> dict[int, dict]:
+    """One Ray task per shard spec (spec[0] = shard index), at most 2×CPUs in flight; results by index."""
+    remote = ray.remote(num_cpus=1)(task)
+    limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    pending, results, todo = [], {}, list(reversed(specs))
+    samples, skipped, t0 = 0, 0, time.monotonic()
+    while todo or pending:
+        while todo and len(pending) < limit:
+            pending.append(remote.remote(*todo.pop()))
+        ready, pending = ray.wait(pending, num_returns=1)
+        r = ray.get(ready[0])
+        results[r["index"]] = r
+        samples += len(r["sizes"])
+        skipped += r["skipped"]
+        rate = samples / max(time.monotonic() - t0, 1e-9)
+        log.tick(f"shards {len(results)}/{len(specs)} ({skipped} skipped) | samples {samples}/{samples_total} "
+                 f"| rejects {rejects} | {rate:.1f} samples/s", final=len(results) == len(specs))
+    return results
+
+
+def _existing_shard(job: Job, path: str, members: list[str]) -> list[int] | None:
+    """Payload sizes of a shard already in place (None if absent); refuses one that differs from the plan."""
+    if not fs.exists(job.dst_fs, path):
+        return None
+    try:
+        with job.dst_fs.open_input_file(path) as f:
+            index = mf.read_tar_index(f)
+    except Exception as e:
+        index = [("<unreadable>", str(e))]
+    if [name for name, _ in index] != members:
+        raise ShardJobError(f"{path} exists but does not hold the planned samples (first planned member "
+                            f"{members[0]!r}); it was not written by this plan. Re-run with --overwrite.")
+    return [size for name, size in index if not name.endswith(".json")]
+
+
+def _write_shard(job: Job, path: str, samples) -> list[int]:
+    """Write (key, payload ext, payload, json) samples to `path` atomically; returns payload sizes."""
+    sizes = []
+
+    def members():
+        for key, ext, payload, meta in samples:
+            sizes.append(len(payload))
+            yield key, [(ext, payload), ("json", mf.json_bytes(meta))]
+
+    with fs.atomic_output(job.dst_fs, path) as f:
+        mf.write_tar(f, members())
+    return sizes
+
+
+def _stage1_cached(job: Job, fingerprint: str) -> pa.Table | None:
+    path = posixpath.join(job.dst, mf.STAGE1)
+    if not fs.exists(job.dst_fs, path):
+        return None
+    t = mf.read_table(fs.read_bytes(job.dst_fs, path))
+    return t if (t.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode() else None
+
+
+def _save_stage1(job: Job, table: pa.Table, fingerprint: str) -> None:
+    table = table.replace_schema_metadata({"fingerprint": fingerprint})
+    fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.STAGE1), mf.table_bytes(table))
+
+
+def _rows(**cols) -> pa.Table:
+    """A STAGE1-schema table from column lists (missing columns are null)."""
+    n = len(next(iter(cols.values())))
+    return pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in STAGE1_SCHEMA},
+                    schema=STAGE1_SCHEMA)
+
+
+def _list_rejects(inputs, list_rejects) -> pa.Table:
+    idx_of = {e.rel: i for i, e in enumerate(inputs)}
+    return _rows(idx=[idx_of[r] for r, _, _ in list_rejects], source=[r for r, _, _ in list_rejects],
+                 stage=[s for _, s, _ in list_rejects], reason=[m for _, _, m in list_rejects])
+
+
+# ---------------------------------------------------------------- vision / audio
+
+def _stage1_media(job, inputs, sidecars, list_rejects, fingerprint, log) -> pa.Table:
+    if (cached := _stage1_cached(job, fingerprint)) is not None:
+        log("validation results reused from a previous run")
+        return cached
+    rejected = {r for r, _, _ in list_rejects}
+    trans = _transcript_files(sidecars)
+    todo = [(i, e.rel) for i, e in enumerate(inputs) if e.rel not in rejected]
+    rows = pa.table({"idx": [i for i, _ in todo], "rel": [r for _, r in todo],
+                     "trans": [trans.get(posixpath.dirname(r)) for _, r in todo]},
+                    schema=pa.schema([("idx", pa.int64()), ("rel", pa.string()), ("trans", pa.list_(pa.string()))]))
+    done = _map(_validate_media, rows, job, ROWS_PER_TASK[job.modality], "validate", log)
+    table = pa.concat_tables([done, _list_rejects(inputs, list_rejects)]).sort_by("idx")
+    _save_stage1(job, table, fingerprint)
+    return table
+
+
+def _transcript_files(sidecars) -> dict[str, list[str]]:
+    """Folder → its LibriSpeech `*.trans.txt` files."""
+    out: dict[str, list[str]] = {}
+    for e in sidecars:
+        out.setdefault(posixpath.dirname(e.rel), []).append(e.rel)
+    return out
+
+
+def _decode_media(job: Job, rel: str, data: bytes):
+    o = job.options
+    if job.modality == "vision":
+        return decode_image(data, max_side=o["image_max_side"], max_pixels=o["max_image_pixels"])
+    ext = posixpath.splitext(rel)[1].lower()
+    return decode_audio(data, ext, min_seconds=o["min_seconds"], max_seconds=o["max_seconds"])
+
+
+def _label(job: Job, rel: str, trans: list[str] | None, cache: dict) -> tuple[str | None, dict]:
+    """vision: the class folder (ImageNet `<class>/<file>`); audio: LibriSpeech transcript + speaker."""
+    if job.modality == "vision":
+        parent = posixpath.basename(posixpath.dirname(rel))
+        return (parent or None), {}
+    stem = posixpath.splitext(posixpath.basename(rel))[0]
+    parts = stem.split("-")
+    speaker = parts[0] if len(parts) == 3 and all(p.isdigit() for p in parts) else None
+    for t in trans or []:
+        if t not in cache:
+            try:
+                lines = fs.read_bytes(job.src_fs, job.src(t)).decode("utf-8", errors="replace").splitlines()
+                cache[t] = dict(line.strip().split(" ", 1) for line in lines if " " in line.strip())
+            except OSError:
+                cache[t] = {}
+        if stem in cache[t]:
+            return cache[t][stem], {"speaker": speaker}
+    return None, {"speaker": speaker}
+
+
+def _validate_media(batch: pa.Table, job: Job) -> pa.Table:
+    out: dict[str, list] = {k: [] for k in ("idx", "source", "stage", "reason", "ext", "length", "label", "meta")}
+    cache: dict = {}
+    for idx, rel, trans in zip(*(batch.column(c).to_pylist() for c in ("idx", "rel", "trans"))):
+        ext = length = label = meta = stage = reason = None
+        try:
+            sample = _decode_media(job, rel, fs.read_bytes(job.src_fs, job.src(rel)))
+            label, extra = _label(job, rel, trans, cache)
+            ext, length, meta = sample.ext, sample.length, json.dumps({**sample.meta, **extra}, sort_keys=True)
+        except Reject as r:
+            stage, reason = r.stage, r.reason
+        except OSError as e:
+            stage, reason = "read", f"cannot read: {e}"
+        except Exception as e:  # a decoder bug must not crash the job or pass the input silently
+            stage, reason = "decode", f"unexpected {type(e).__name__}: {e}"
+        for k, v in zip(out, (idx, rel, stage, reason, ext, length, label, meta)):
+            out[k].append(v)
+    return _rows(**out)
+
+
+def _shard_media(job: Job, stage1: pa.Table, log) -> dict:
+    keys = dict(zip(stage1.column("source").to_pylist(), mf.sample_keys(stage1.column("source").to_pylist())))
+    good = stage1.filter(pc.is_null(stage1.column("reason")))
+    spp = job.options["samples_per_shard"]
+    cols = {c: good.column(c).to_pylist() for c in ("source", "ext", "length", "label", "meta")}
+    samples = [(keys[s], s, e, n, lab, m) for s, e, n, lab, m in zip(*cols.values())]
+    specs = [(i // spp, job, samples[i:i + spp]) for i in range(0, len(samples), spp)]
+    results = _run_shard_tasks(_media_shard_task, specs, log, len(samples), stage1.num_rows - good.num_rows)
+    rows = []
+    for index, _, chunk in specs:
+        name = mf.shard_name(job.modality, index)
+        for (key, src, _, n, lab, _), size in zip(chunk, results[index]["sizes"]):
+            rows.append((key, name, src, size, n, lab))
+    return {"manifest": rows, "results": results, "extra_rejects": []}
+
+
+def _media_shard_task(index: int, job: Job, samples: list[tuple]) -> dict:
+    path = posixpath.join(job.dst, mf.shard_name(job.modality, index))
+    members = [f"{key}.{x}" for key, _, ext, *_ in samples for x in (ext, "json")]
+    if (sizes := _existing_shard(job, path, members)) is not None:
+        return {"index": index, "sizes": sizes, "skipped": True}
+
+    def encoded():
+        for key, rel, ext, length, label, meta in samples:
+            meta = json.loads(meta)
+            try:
+                s = _decode_media(job, rel, fs.read_bytes(job.src_fs, job.src(rel)))
+                now = {"ext": s.ext, "length": s.length, **s.meta}
+            except (Reject, OSError) as e:
+                s, now = None, {"error": str(e)}
+            if now != {"ext": ext, "length": length, **{k: meta[k] for k in meta if k != "speaker"}}:
+                raise ShardJobError(f"{job.src(rel)} decodes to {now}, not what validation saw; it changed "
+                                    "while the job ran. Re-run with --overwrite.")
+            yield key, ext, s.encode(), {"source": rel, "label": label, "length": length, **meta}
+
+    return {"index": index, "sizes": _write_shard(job, path, encoded()), "skipped": False}
+
+
+# ---------------------------------------------------------------- text
+
+def _stage1_text(job, inputs, list_rejects, fingerprint, log) -> tuple[pa.Table, Job]:
+    """Validate + piece + count tokens; trains the tokenizer (one Ray task) when none is given."""
+    tok_path = posixpath.join(job.dst, mf.TOKENIZER)
+    if job.tokenizer_json is not None:
+        fs.write_bytes(job.dst_fs, tok_path, job.tokenizer_json.encode(), only_if_changed=True)
+    elif fs.exists(job.dst_fs, tok_path):  # resumed run: the same plan trained it already
+        job = replace(job, tokenizer_json=fs.read_bytes(job.dst_fs, tok_path).decode())
+        log("tokenizer reused from a previous run")
+    if job.tokenizer_json is not None and (cached := _stage1_cached(job, fingerprint)) is not None:
+        log("validation results reused from a previous run")
+        return cached, job
+    rejected = {r for r, _, _ in list_rejects}
+    todo = [(i, e.rel) for i, e in enumerate(inputs) if e.rel not in rejected]
+    rows = pa.table({"idx": pa.array([i for i, _ in todo], pa.int64()), "rel": pa.array([r for _, r in todo], pa.string())})
+    table = _map(_validate_text, rows, job, ROWS_PER_TASK["text"], "validate", log)
+    table = pa.concat_tables([table, _list_rejects(inputs, list_rejects)]).sort_by("idx")
+    if job.tokenizer_json is None:
+        good = table.filter(pc.is_null(table.column("reason")))
+        pieces = _pieces(good)
+        log(f"training a byte-level BPE tokenizer (vocab {job.options['vocab_size']}) on {good.num_rows} files")
+        tok_json = ray.get(ray.remote(num_cpus=1)(_train_task).remote(job, pieces))
+        fs.write_bytes(job.dst_fs, tok_path, tok_json.encode())
+        job = replace(job, tokenizer_json=tok_json)
+        counted = _map(_count_text, pa.table({k: pieces[k] for k in ("idx", "k", "rel", "start", "end")}), job,
+                       ROWS_PER_TASK["pieces"], "count tokens", log, schema=_COUNT_SCHEMA)
+        table = _with_tokens(table, counted)
+    _save_stage1(job, table, fingerprint)
+    return table, job
+
+
+def _pieces(table: pa.Table) -> dict[str, np.ndarray]:
+    """Flatten good files' pieces in stream order: idx, k (piece number), rel, start, end, tokens."""
+    starts = table.column("piece_start").combine_chunks()
+    parent = pc.list_parent_indices(starts).to_numpy()
+    counts = pc.list_value_length(starts).to_numpy()
+    k = np.concatenate([np.arange(c) for c in counts]) if len(counts) else np.zeros(0, np.int64)
+    tokens = table.column("piece_tokens").combine_chunks()
+    return {"idx": table.column("idx").to_numpy()[parent], "k": k,
+            "rel": np.asarray(table.column("source").to_pylist(), dtype=object)[parent],
+            "start": pc.list_flatten(starts).to_numpy(),
+            "end": pc.list_flatten(table.column("piece_end").combine_chunks()).to_numpy(),
+            "tokens": pc.list_flatten(tokens).to_numpy(zero_copy_only=False) if tokens.null_count == 0 else None}
+
+
+def _with_tokens(table: pa.Table, counted: pa.Table) -> pa.Table:
+    """Attach per-piece token counts (sorted by idx, k) as the `piece_tokens` list column."""
+    lengths = pc.fill_null(pc.list_value_length(table.column("piece_start").combine_chunks()), 0).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = counted.column("tokens").combine_chunks()
+    rejected = pc.is_valid(table.column("reason")).combine_chunks()
+    arr = pa.ListArray.from_arrays(pa.array(offsets), values, mask=rejected)
+    return table.set_column(table.schema.get_field_index("piece_tokens"), "piece_tokens", arr)
+
+
+def _read_pieces(job: Job, rel: str):
+    with job.src_fs.open_input_stream(job.src(rel), compression=None) as f:
+        yield from iter_pieces(f.read, PIECE_BYTES)
+
+
+def _validate_text(batch: pa.Table, job: Job) -> pa.Table:
+    """Per file: UTF-8 + normalisation check, piece boundaries, token counts (when a tokenizer is known)."""
+    tok = load_tokenizer(job.tokenizer_json) if job.tokenizer_json else None
+    names = ("idx", "source", "stage", "reason", "length", "meta", "piece_start", "piece_end", "piece_tokens")
+    out: dict[str, list] = {k: [] for k in names}
+    for idx, rel in zip(batch.column("idx").to_pylist(), batch.column("rel").to_pylist()):
+        starts, ends, tokens, docs, nbytes = [], [], [], 0, 0
+        try:
+            for offset, data in _read_pieces(job, rel):
+                nbytes += len(data)
+                if d := text_documents(data, offset=offset):
+                    starts.append(offset)
+                    ends.append(offset + len(data))
+                    tokens.append(len(encode_documents(tok, d)) if tok else None)
+                    docs += len(d)
+            if not starts:
+                raise Reject("no text left after normalisation (only whitespace/control characters)"
+                             if nbytes else "empty file (0 bytes)", "validate" if nbytes else "read")
+            row = (None, None, sum(tokens) if tok else None, json.dumps({"documents": docs}),
+                   starts, ends, tokens if tok else None)
+        except Reject as r:
+            row = (r.stage, r.reason) + (None,) * 5
+        except OSError as e:
+            row = ("read", f"cannot read: {e}") + (None,) * 5
+        except Exception as e:  # never crash the job on one input
+            row = ("decode", f"unexpected {type(e).__name__}: {e}") + (None,) * 5
+        for k, v in zip(names, (idx, rel) + row):
+            out[k].append(v)
+    return _rows(**out)
+
+
+def _train_task(job: Job, pieces: dict) -> str:
+    def docs():
+        for rel, start, end in zip(pieces["rel"], pieces["start"], pieces["end"]):
+            yield from text_documents(fs.read_range(job.src_fs, job.src(rel), int(start), int(end)), offset=int(start))
+
+    return train_bpe(docs(), job.options["vocab_size"]).to_str()
+
+
+def _count_text(batch: pa.Table, job: Job) -> pa.Table:
+    tok = load_tokenizer(job.tokenizer_json)
+    counts = []
+    for rel, start, end in zip(*(batch.column(c).to_pylist() for c in ("rel", "start", "end"))):
+        docs = text_documents(fs.read_range(job.src_fs, job.src(rel), start, end), offset=start)
+        counts.append(len(encode_documents(tok, docs)))
+    return pa.table([batch.column("idx"), batch.column("k"), pa.array(counts, pa.int64())], schema=_COUNT_SCHEMA)
+
+
+def _shard_text(job: Job, stage1: pa.Table, log) -> dict:
+    """Concatenate every good file's tokens in sorted order, cut blocks of block_size, spp blocks per shard."""
+    B, spp = job.options["block_size"], job.options["samples_per_shard"]
+    p = _pieces(stage1.filter(pc.is_null(stage1.column("reason"))))
+    ends = np.cumsum(p["tokens"]) if len(p["start"]) else np.zeros(0, np.int64)
+    offs = ends - p["tokens"] if len(ends) else ends
+    total = int(ends[-1]) if len(ends) else 0
+    tail = total % B
+    kept = total - (tail if tail < MIN_TAIL_TOKENS else 0)
+    n_blocks = -(-kept // B)
+    specs, manifest = [], []
+    for index, b0 in enumerate(range(0, n_blocks, spp)):
+        b1 = min(b0 + spp, n_blocks)
+        t0, t1 = b0 * B, min(b1 * B, kept)
+        lo, hi = np.searchsorted(ends, t0, "right"), np.searchsorted(offs, t1, "left")
+        chunk = [(p["rel"][i], int(p["start"][i]), int(p["end"][i]), int(offs[i]), int(p["tokens"][i])) for i in range(lo, hi)]
+        specs.append((index, job, b0, b1, kept, chunk))
+        name = mf.shard_name("text", index)
+        for b in range(b0, b1):
+            first = p["rel"][np.searchsorted(ends, b * B, "right")]
+            manifest.append((f"block-{b:09d}", name, first, None, min(B, kept - b * B), None))
+    used = set(p["rel"][offs < kept]) if len(offs) else set()
+    unused = sorted(set(p["rel"]) - used)
+    extra = [(r, "block", f"all of its tokens fall in the final partial block ({tail} < {MIN_TAIL_TOKENS} "
+                          "tokens), which is dropped") for r in unused]
+    log(f"{total} tokens → {n_blocks} blocks of {B} ({total - kept} tail tokens dropped) in {len(specs)} shards")
+    results = _run_shard_tasks(_text_shard_task, specs, log, n_blocks, stage1.num_rows - len(set(p["rel"])) + len(unused))
+    sizes = [s for i in range(len(specs)) for s in results[i]["sizes"]]
+    manifest = [(k, n, s, size, ln, lab) for (k, n, s, _, ln, lab), size in zip(manifest, sizes)]
+    return {"manifest": manifest, "results": results, "extra_rejects": extra,
+            "text": {"tokens": kept, "dropped_tail_tokens": total - kept, "used_inputs": len(used), "block_size": B}}
+
+
+def _text_shard_task(index: int, job: Job, b0: int, b1: int, kept: int, chunk: list[tuple]) -> dict:
+    B = job.options["block_size"]
+    path = posixpath.join(job.dst, mf.shard_name("text", index))
+    members = [f"block-{b:09d}.{x}" for b in range(b0, b1) for x in ("ids.npy", "json")]
+    if (sizes := _existing_shard(job, path, members)) is not None:
+        return {"index": index, "sizes": sizes, "skipped": True}
+    tok = load_tokenizer(job.tokenizer_json)
+    parts = []
+    for rel, start, end, _, n in chunk:
+        ids = encode_documents(tok, text_documents(fs.read_range(job.src_fs, job.src(rel), start, end), offset=start))
+        if len(ids) != n:
+            raise ShardJobError(f"{job.src(rel)} bytes {start}-{end} now encode to {len(ids)} tokens, not {n}; "
+                                "it changed while the job ran. Re-run with --overwrite.")
+        parts.append(ids)
+    stream, base = np.concatenate(parts), chunk[0][3]
+    piece_ends = np.array([off + n for *_, off, n in chunk])
+
+    def blocks():
+        for b in range(b0, b1):
+            g0, g1 = b * B, min((b + 1) * B, kept)
+            ids = np.ascontiguousarray(stream[g0 - base:g1 - base], dtype="<i4")
+            first, last = np.searchsorted(piece_ends, g0, "right"), np.searchsorted(piece_ends, g1 - 1, "right")
+            sources = list(dict.fromkeys(c[0] for c in chunk[first:last + 1]))
+            meta = {"source": sources[0], "sources": sources, "label": None, "length": len(ids), "offset": g0}
+            yield f"block-{b:09d}", "ids.npy", _npy_bytes(ids), meta
+
+    return {"index": index, "sizes": _write_shard(job, path, blocks()), "skipped": False}
+
+
+def _npy_bytes(ids: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, ids, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- finish
+
+def _finish(job: Job, plan: dict, output: str, stage1: pa.Table, result: dict, n_inputs: int, n_sidecars: int,
+            seconds: float, log) -> dict:
+    bad = stage1.filter(pc.is_valid(stage1.column("reason")))
+    rejects = sorted([tuple(r.values()) for r in bad.select(["source", "stage", "reason"]).to_pylist()]
+                     + result["extra_rejects"])
+    rows = result["manifest"]
+    manifest = pa.table([pa.array(col, f.type) for col, f in zip(zip(*rows), mf.MANIFEST_SCHEMA)]
+                        if rows else [pa.array([], f.type) for f in mf.MANIFEST_SCHEMA], schema=mf.MANIFEST_SCHEMA)
+    rej = pa.table([pa.array(col, f.type) for col, f in zip(zip(*rejects), mf.REJECTS_SCHEMA)]
+                   if rejects else [pa.array([], f.type) for f in mf.REJECTS_SCHEMA], schema=mf.REJECTS_SCHEMA)
+    fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.MANIFEST), mf.table_bytes(manifest), only_if_changed=True)
+    fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.REJECTS), mf.table_bytes(rej), only_if_changed=True)
+    skipped = sum(r["skipped"] for r in result["results"].values())
+    stats = {
+        "modality": job.modality, "input": plan["input"], "output": output,
+        "inputs": n_inputs, "sidecars": n_sidecars, "samples": len(rows), "rejects": len(rejects),
+        "rejects_by_stage": dict(sorted(Counter(s for _, s, _ in rejects).items())),
+        "num_shards": len(result["results"]), "samples_per_shard": job.options["samples_per_shard"],
+        "shards_written": len(result["results"]) - skipped, "shards_skipped": skipped,
+        "payload_bytes": int(sum(r[3] for r in rows)), "input_fingerprint": plan["fingerprint"],
+        "seconds": round(seconds, 3), "samples_per_second": round(len(rows) / max(seconds, 1e-9), 2),
+        "config": plan["options"], "format": mf.FORMAT_VERSION,
+    }
+    if "text" in result:
+        stats["text"] = result["text"]
+    fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.STATS), json.dumps(stats, indent=2).encode() + b"\n")
+    for name in fs.list_dir(job.dst_fs, job.dst):
+        if name.endswith(fs.TMP_SUFFIX) and _is_ours(name):
+            fs.delete(job.dst_fs, posixpath.join(job.dst, name))
+    log(f"done: {stats['samples']} samples in {stats['num_shards']} shards ({skipped} skipped), "
+        f"{stats['rejects']} rejects, {seconds:.1f} s ({stats['samples_per_second']} samples/s)")
+    return stats

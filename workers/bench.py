@@ -1,0 +1,174 @@
+"""`make bench`: speed figures with a reference measured in the same run, as a table and one JSON line.
+
+    python -m workers.bench [--only NAME ...] [--quick]
+
+Each benchmark returns rows (name, ours, reference, ratio, unit, target). Timings are medians over
+timed runs after warm-ups, with torch using every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Row:
+    name: str
+    ours: float
+    reference: float
+    ratio: float
+    unit: str
+    target: str
+    note: str = ""
+
+
+def median_time(fn: Callable[[], object], warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 2048, runs: int = 8) -> float:
+    """fp32 matmul FLOP/s of this machine, measured now (the MFU denominator)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = median_time(lambda: torch.mm(a, b), warmup=3, runs=runs)
+    return 2 * n**3 / t
+
+
+# ---------------------------------------------------------------------------------- vision student
+def _vision_base_batch(batch: int, seed: int = 0):
+    from model.masking import block_mask
+    from model.presets import vision_base
+
+    cfg = vision_base()
+    g = torch.Generator().manual_seed(seed)
+    grid = cfg.model.frontend.grid
+    m = cfg.masking
+    mask = torch.stack(
+        [block_mask(grid, grid, m.num_masked, m.min_block, m.max_block, m.min_aspect, generator=g) for _ in range(batch)]
+    )  # (B, N)
+    pixels = torch.randn(batch, 3, cfg.model.frontend.image_size, cfg.model.frontend.image_size, generator=g)
+    return cfg, pixels, mask
+
+
+def _hf_vision(cfg):
+    from transformers import Data2VecVisionConfig, Data2VecVisionModel
+
+    t = cfg.model.trunk
+    hf_cfg = Data2VecVisionConfig(
+        image_size=cfg.model.frontend.image_size, patch_size=cfg.model.frontend.patch_size,
+        hidden_size=t.dim, num_hidden_layers=t.depth, num_attention_heads=t.heads, intermediate_size=t.ffn_dim,
+        layer_norm_eps=t.ln_eps, layer_scale_init_value=t.layer_scale_init, drop_path_rate=t.drop_path,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        use_shared_relative_position_bias=True, use_relative_position_bias=False,
+        use_absolute_position_embeddings=False, use_mean_pooling=False, use_mask_token=True,
+    )
+    return Data2VecVisionModel(hf_cfg, add_pooling_layer=False)
+
+
+def bench_student_vs_hf(warmup: int, runs: int, batch: int = 8) -> list[Row]:
+    """Our ViT-B/16 student fwd+bwd vs HF Data2VecVisionModel (+ the same linear head), masked, 224^2."""
+    from model.data2vec import Data2Vec
+
+    cfg, pixels, mask = _vision_base_batch(batch)
+    ours = Data2Vec(cfg.model).train()
+    hf = _hf_vision(cfg).train()
+    hf_head = torch.nn.Linear(cfg.model.trunk.dim, cfg.model.trunk.dim)
+
+    def step_ours():
+        pred, _ = ours(pixels, mask)
+        pred.float().square().mean().backward()
+
+    def step_hf():
+        h = hf(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state[:, 1:]
+        hf_head(h[mask]).float().square().mean().backward()
+
+    t_ours = median_time(step_ours, warmup, runs)
+    t_hf = median_time(step_hf, warmup, runs)
+    return [Row("student_step_vs_hf", t_ours, t_hf, t_ours / t_hf, "s/step", "<= 0.9",
+                f"ViT-B/16 224^2 batch {batch}, {int(mask[0].sum())}/196 masked, fwd+bwd")]
+
+
+def vit_forward_flops(dim: int, depth: int, ffn: int, tokens: int, patch_in: int, n_patches: int) -> float:
+    """Matmul FLOPs of one ViT forward on one sample (2 per multiply-add)."""
+    per_layer = 2 * tokens * (4 * dim * dim + 2 * dim * ffn) + 2 * 2 * tokens * tokens * dim
+    return depth * per_layer + 2 * n_patches * patch_in * dim
+
+
+def bench_train_step_mfu(warmup: int, runs: int, batch: int = 8) -> list[Row]:
+    """A whole data2vec v1 step at ViT-B (student fwd+bwd, teacher fwd, EMA) as a fraction of matmul peak."""
+    from model.data2vec import Batch, Data2Vec, data2vec_loss
+    from model.teacher import EMATeacher, ema_decay
+
+    cfg, pixels, mask = _vision_base_batch(batch)
+    student = Data2Vec(cfg.model).train()
+    teacher = EMATeacher(student.encoder, lambda n: student.encoder.is_averaged(n, cfg.teacher.scope))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    b = Batch(pixels, mask)
+
+    def step():
+        loss, _, _ = data2vec_loss(student, teacher.model, cfg, b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        teacher.update(student.encoder, ema_decay(0, cfg.teacher.tau0, cfg.teacher.tau_end, cfg.teacher.tau_steps))
+
+    t = median_time(step, warmup, runs)
+    f, t_ = cfg.model.frontend, cfg.model.trunk
+    n = f.grid**2
+    fwd = vit_forward_flops(t_.dim, t_.depth, t_.ffn_dim, n + 1, f.in_chans * f.patch_size**2, n)
+    head = 2 * int(mask.sum()) * t_.dim * t_.dim
+    model_flops = batch * fwd * 3 + batch * fwd + 3 * head  # student fwd+bwd (3x), teacher fwd (1x)
+    peak = matmul_peak_flops()
+    achieved = model_flops / t
+    return [Row("train_step_mfu", achieved / 1e9, peak / 1e9, achieved / peak, "GFLOP/s", ">= 0.5",
+                f"ViT-B/16 batch {batch}: {t:.2f} s/step; reference = fp32 2048^3 matmul peak")]
+
+
+BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
+    "student_step_vs_hf": bench_student_vs_hf,
+    "train_step_mfu": bench_train_step_mfu,
+}
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'benchmark':<24} {'ours':>12} {'reference':>12} {'ratio':>7} {'unit':<10} {'target':<8} note"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r.name:<24} {r.ours:>12.4g} {r.reference:>12.4g} {r.ratio:>7.3f} {r.unit:<10} {r.target:<8} {r.note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    p.add_argument("--quick", action="store_true", help="fewer runs (a smoke check, not for reporting)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    warmup, runs = (1, 2) if a.quick else (3, 8)
+    rows: list[Row] = []
+    for name in a.only or BENCHES:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        rows += BENCHES[name](warmup, runs)
+    print_table(rows)
+    print(json.dumps({"threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "rows": [asdict(r) for r in rows]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
