@@ -78,11 +78,12 @@ def decode_image(data: bytes, *, max_side: int | None = None, max_pixels: int = 
         raise Reject(f"corrupt or truncated image: {e}") from None
 
     is_jpeg = img.format in ("JPEG", "MPO")  # MPO: multi-picture JPEG from cameras
-    unchanged = is_jpeg and img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
     try:
+        upright = img.getexif().get(0x0112, 1) == 1
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block must not lose a good image: keep the stored orientation
-        pass
+        upright = True
+    unchanged = is_jpeg and img.mode == "RGB" and upright
     rgb = _to_rgb(img)
     if max_side is not None and min(rgb.size) > max_side:
         rgb, unchanged = _resize_short_side(rgb, max_side), False
@@ -103,7 +104,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = np.nan_to_num(np.asarray(img, dtype=np.float64))
         a = a * 255.0 if a.max(initial=0.0) <= 1.0 else a  # float images in [0, 1] or [0, 255]
         img = Image.fromarray(np.round(np.clip(a, 0, 255)).astype(np.uint8), "L")
-    has_alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (img.mode == "P" and "transparency" in img.info)
+    has_alpha = img.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info  # tRNS: P/L/RGB
     if has_alpha:
         rgba = img.convert("RGBA")
         out = Image.new("RGB", rgba.size, (255, 255, 255))

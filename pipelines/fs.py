@@ -48,7 +48,8 @@ def resolve(uri: str) -> Location:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for unknown schemes or bad URIs
-            raise ValueError(f"cannot open {uri!r} as a filesystem URI ({e}); use a local path or file://, s3://, gs://") from e
+            raise ValueError(f"cannot open {uri!r} as a filesystem URI ({e}); "
+                             "use a local path or a file://, s3://, gs:// URI") from e
     else:
         fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     return Location(fs, path.rstrip("/") or "/", uri)

@@ -19,6 +19,7 @@ DST/_stage1.parquet, so a resumed job only redoes the shards that are missing.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -40,6 +41,7 @@ from pipelines import fs
 from pipelines import manifest as mf
 from pipelines.decode import (AUDIO_EXTS, MAX_IMAGE_PIXELS, TEXT_EXTS, Reject, decode_audio, decode_image,
                               iter_pieces, text_documents)
+from pipelines.manifest import ShardJobError
 from pipelines.tokenizer import encode_documents, load_tokenizer, train_bpe
 
 Modality = Literal["vision", "audio", "text"]
@@ -47,19 +49,7 @@ MIN_TAIL_TOKENS = 16  # the last partial text block is kept only if it has at le
 PIECE_BYTES = 8 << 20  # text files are validated/encoded in pieces of about this size
 ROWS_PER_TASK = {"vision": 16, "audio": 8, "text": 4, "pieces": 8}  # inputs per validate task
 
-_LIST = pa.list_(pa.int64())
-STAGE1_SCHEMA = pa.schema([
-    ("idx", pa.int64()), ("source", pa.string()),
-    ("stage", pa.string()), ("reason", pa.string()),  # null when the input is good
-    ("ext", pa.string()), ("length", pa.int64()), ("label", pa.string()), ("meta", pa.string()),
-    ("piece_start", _LIST), ("piece_end", _LIST), ("piece_tokens", _LIST),  # text only
-])
-
 _COUNT_SCHEMA = pa.schema([("idx", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64())])
-
-
-class ShardJobError(RuntimeError):
-    """The job cannot proceed safely (DST mismatch, input changed mid-run); the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +91,7 @@ def run_shard(modality: Modality, input: str, output: str, *, samples_per_shard:
     plan = {"format": mf.FORMAT_VERSION, "modality": modality, "input": input, "inputs": len(entries),
             "input_bytes": sum(e.size for e in entries), "options": options,
             "fingerprint": mf.fingerprint(entries, modality, options)}
-    _prepare_dst(dst, plan, overwrite)
+    mf.prepare_dst(dst, plan, overwrite)
     job = Job(modality, src.fs, root, dst.fs, dst.path, options, tok_json)
     log = _Log(modality)
     log(f"{len(entries)} files ({plan['input_bytes'] / 1e6:.1f} MB) under {input} → {output}")
@@ -157,35 +147,6 @@ def _check_not_nested(src: fs.Location, dst: fs.Location) -> None:
     if type(src.fs) is type(dst.fs) and (dst.path + "/").startswith(src.path.rstrip("/") + "/"):
         raise ValueError(f"--output {dst.uri} is inside --input {src.uri}; its files would become inputs. "
                          "Choose an output outside the input tree.")
-
-
-def _is_ours(name: str) -> bool:
-    base = name.removesuffix(fs.TMP_SUFFIX)
-    return bool(mf.SHARD_RE.match(base)) or base in (mf.PLAN, mf.MANIFEST, mf.REJECTS, mf.STATS, mf.STAGE1,
-                                                     mf.TOKENIZER)
-
-
-def _prepare_dst(dst: fs.Location, plan: dict, overwrite: bool) -> None:
-    """Refuse a DST planned for other inputs/options; with overwrite, delete our files there first."""
-    dst.fs.create_dir(dst.path, recursive=True)
-    names = [n for n in fs.list_dir(dst.fs, dst.path) if _is_ours(n)]
-    plan_path = dst.join(mf.PLAN)
-    if overwrite:
-        fs.delete(dst.fs, plan_path)  # first: a crash mid-cleanup leaves files without a plan → refused
-        for n in names:
-            fs.delete(dst.fs, dst.join(n))
-    elif mf.PLAN in names:
-        old = json.loads(fs.read_bytes(dst.fs, plan_path))
-        if old.get("fingerprint") != plan["fingerprint"]:
-            raise ShardJobError(mf.plan_mismatch(dst.uri, old, plan))
-    elif names:
-        raise ShardJobError(f"{dst.uri} already contains {', '.join(names[:3])}… but no {mf.PLAN}, so it "
-                            "cannot be checked against this input. Re-run with --overwrite to replace them, "
-                            "or choose another --output.")
-    for n in names:  # stale temp files of a killed run
-        if n.endswith(fs.TMP_SUFFIX) and not overwrite:
-            fs.delete(dst.fs, dst.join(n))
-    fs.write_bytes(dst.fs, plan_path, mf.json_bytes(plan) + b"\n", only_if_changed=True)
 
 
 def _classify(modality, entries, explicit_file: bool):
@@ -256,7 +217,7 @@ class _Log:
 def _map(fn, rows: pa.Table, job: Job, rows_per_task: int, what: str, log, schema=None) -> pa.Table:
     """Ray Data map_batches of `fn(table, job)` over `rows`, streamed back with progress; sorted by idx."""
     if rows.num_rows == 0:
-        return (schema or STAGE1_SCHEMA).empty_table()
+        return (schema or mf.STAGE1_SCHEMA).empty_table()
     rows_per_task = max(rows_per_task, -(-rows.num_rows // 4096))  # ≤ ~4k tasks, however big the corpus
     blocks = [rows.slice(i, rows_per_task) for i in range(0, rows.num_rows, rows_per_task)]
     ds = ray.data.from_arrow(blocks).map_batches(fn, fn_kwargs={"job": job}, batch_size=None,
@@ -292,65 +253,16 @@ def _run_shard_tasks(task, specs: list[tuple], log, samples_total: int, rejects:
     return results
 
 
-def _existing_shard(job: Job, path: str, members: list[str]) -> list[int] | None:
-    """Payload sizes of a shard already in place (None if absent); refuses one that differs from the plan."""
-    if not fs.exists(job.dst_fs, path):
-        return None
-    try:
-        with job.dst_fs.open_input_file(path) as f:
-            index = mf.read_tar_index(f)
-    except Exception as e:
-        index = [("<unreadable>", str(e))]
-    if [name for name, _ in index] != members:
-        raise ShardJobError(f"{path} exists but does not hold the planned samples (first planned member "
-                            f"{members[0]!r}); it was not written by this plan. Re-run with --overwrite.")
-    return [size for name, size in index if not name.endswith(".json")]
-
-
-def _write_shard(job: Job, path: str, samples) -> list[int]:
-    """Write (key, payload ext, payload, json) samples to `path` atomically; returns payload sizes."""
-    sizes = []
-
-    def members():
-        for key, ext, payload, meta in samples:
-            sizes.append(len(payload))
-            yield key, [(ext, payload), ("json", mf.json_bytes(meta))]
-
-    with fs.atomic_output(job.dst_fs, path) as f:
-        mf.write_tar(f, members())
-    return sizes
-
-
-def _stage1_cached(job: Job, fingerprint: str) -> pa.Table | None:
-    path = posixpath.join(job.dst, mf.STAGE1)
-    if not fs.exists(job.dst_fs, path):
-        return None
-    t = mf.read_table(fs.read_bytes(job.dst_fs, path))
-    return t if (t.schema.metadata or {}).get(b"fingerprint") == fingerprint.encode() else None
-
-
-def _save_stage1(job: Job, table: pa.Table, fingerprint: str) -> None:
-    table = table.replace_schema_metadata({"fingerprint": fingerprint})
-    fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.STAGE1), mf.table_bytes(table))
-
-
-def _rows(**cols) -> pa.Table:
-    """A STAGE1-schema table from column lists (missing columns are null)."""
-    n = len(next(iter(cols.values())))
-    return pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in STAGE1_SCHEMA},
-                    schema=STAGE1_SCHEMA)
-
-
 def _list_rejects(inputs, list_rejects) -> pa.Table:
     idx_of = {e.rel: i for i, e in enumerate(inputs)}
-    return _rows(idx=[idx_of[r] for r, _, _ in list_rejects], source=[r for r, _, _ in list_rejects],
+    return mf.stage1_rows(idx=[idx_of[r] for r, _, _ in list_rejects], source=[r for r, _, _ in list_rejects],
                  stage=[s for _, s, _ in list_rejects], reason=[m for _, _, m in list_rejects])
 
 
 # ---------------------------------------------------------------- vision / audio
 
 def _stage1_media(job, inputs, sidecars, list_rejects, fingerprint, log) -> pa.Table:
-    if (cached := _stage1_cached(job, fingerprint)) is not None:
+    if (cached := mf.load_stage1(job.dst_fs, job.dst, fingerprint)) is not None:
         log("validation results reused from a previous run")
         return cached
     rejected = {r for r, _, _ in list_rejects}
@@ -361,7 +273,7 @@ def _stage1_media(job, inputs, sidecars, list_rejects, fingerprint, log) -> pa.T
                     schema=pa.schema([("idx", pa.int64()), ("rel", pa.string()), ("trans", pa.list_(pa.string()))]))
     done = _map(_validate_media, rows, job, ROWS_PER_TASK[job.modality], "validate", log)
     table = pa.concat_tables([done, _list_rejects(inputs, list_rejects)]).sort_by("idx")
-    _save_stage1(job, table, fingerprint)
+    mf.save_stage1(job.dst_fs, job.dst, table, fingerprint)
     return table
 
 
@@ -418,7 +330,7 @@ def _validate_media(batch: pa.Table, job: Job) -> pa.Table:
             stage, reason = "decode", f"unexpected {type(e).__name__}: {e}"
         for k, v in zip(out, (idx, rel, stage, reason, ext, length, label, meta)):
             out[k].append(v)
-    return _rows(**out)
+    return mf.stage1_rows(**out)
 
 
 def _shard_media(job: Job, stage1: pa.Table, log) -> dict:
@@ -440,7 +352,7 @@ def _shard_media(job: Job, stage1: pa.Table, log) -> dict:
 def _media_shard_task(index: int, job: Job, samples: list[tuple]) -> dict:
     path = posixpath.join(job.dst, mf.shard_name(job.modality, index))
     members = [f"{key}.{x}" for key, _, ext, *_ in samples for x in (ext, "json")]
-    if (sizes := _existing_shard(job, path, members)) is not None:
+    if (sizes := mf.existing_shard(job.dst_fs, path, members)) is not None:
         return {"index": index, "sizes": sizes, "skipped": True}
 
     def encoded():
@@ -456,7 +368,7 @@ def _media_shard_task(index: int, job: Job, samples: list[tuple]) -> dict:
                                     "while the job ran. Re-run with --overwrite.")
             yield key, ext, s.encode(), {"source": rel, "label": label, "length": length, **meta}
 
-    return {"index": index, "sizes": _write_shard(job, path, encoded()), "skipped": False}
+    return {"index": index, "sizes": mf.write_shard(job.dst_fs, path, encoded()), "skipped": False}
 
 
 # ---------------------------------------------------------------- text
@@ -469,12 +381,13 @@ def _stage1_text(job, inputs, list_rejects, fingerprint, log) -> tuple[pa.Table,
     elif fs.exists(job.dst_fs, tok_path):  # resumed run: the same plan trained it already
         job = replace(job, tokenizer_json=fs.read_bytes(job.dst_fs, tok_path).decode())
         log("tokenizer reused from a previous run")
-    if job.tokenizer_json is not None and (cached := _stage1_cached(job, fingerprint)) is not None:
+    if job.tokenizer_json is not None and (cached := mf.load_stage1(job.dst_fs, job.dst, fingerprint)) is not None:
         log("validation results reused from a previous run")
         return cached, job
     rejected = {r for r, _, _ in list_rejects}
     todo = [(i, e.rel) for i, e in enumerate(inputs) if e.rel not in rejected]
-    rows = pa.table({"idx": pa.array([i for i, _ in todo], pa.int64()), "rel": pa.array([r for _, r in todo], pa.string())})
+    rows = pa.table({"idx": pa.array([i for i, _ in todo], pa.int64()),
+                     "rel": pa.array([r for _, r in todo], pa.string())})
     table = _map(_validate_text, rows, job, ROWS_PER_TASK["text"], "validate", log)
     table = pa.concat_tables([table, _list_rejects(inputs, list_rejects)]).sort_by("idx")
     if job.tokenizer_json is None:
@@ -487,7 +400,7 @@ def _stage1_text(job, inputs, list_rejects, fingerprint, log) -> tuple[pa.Table,
         counted = _map(_count_text, pa.table({k: pieces[k] for k in ("idx", "k", "rel", "start", "end")}), job,
                        ROWS_PER_TASK["pieces"], "count tokens", log, schema=_COUNT_SCHEMA)
         table = _with_tokens(table, counted)
-    _save_stage1(job, table, fingerprint)
+    mf.save_stage1(job.dst_fs, job.dst, table, fingerprint)
     return table, job
 
 
@@ -548,13 +461,14 @@ def _validate_text(batch: pa.Table, job: Job) -> pa.Table:
             row = ("decode", f"unexpected {type(e).__name__}: {e}") + (None,) * 5
         for k, v in zip(names, (idx, rel) + row):
             out[k].append(v)
-    return _rows(**out)
+    return mf.stage1_rows(**out)
 
 
 def _train_task(job: Job, pieces: dict) -> str:
     def docs():
         for rel, start, end in zip(pieces["rel"], pieces["start"], pieces["end"]):
-            yield from text_documents(fs.read_range(job.src_fs, job.src(rel), int(start), int(end)), offset=int(start))
+            data = fs.read_range(job.src_fs, job.src(rel), int(start), int(end))
+            yield from text_documents(data, offset=int(start))
 
     return train_bpe(docs(), job.options["vocab_size"]).to_str()
 
@@ -583,7 +497,8 @@ def _shard_text(job: Job, stage1: pa.Table, log) -> dict:
         b1 = min(b0 + spp, n_blocks)
         t0, t1 = b0 * B, min(b1 * B, kept)
         lo, hi = np.searchsorted(ends, t0, "right"), np.searchsorted(offs, t1, "left")
-        chunk = [(p["rel"][i], int(p["start"][i]), int(p["end"][i]), int(offs[i]), int(p["tokens"][i])) for i in range(lo, hi)]
+        chunk = [(p["rel"][i], int(p["start"][i]), int(p["end"][i]), int(offs[i]), int(p["tokens"][i]))
+                 for i in range(lo, hi)]
         specs.append((index, job, b0, b1, kept, chunk))
         name = mf.shard_name("text", index)
         for b in range(b0, b1):
@@ -594,7 +509,8 @@ def _shard_text(job: Job, stage1: pa.Table, log) -> dict:
     extra = [(r, "block", f"all of its tokens fall in the final partial block ({tail} < {MIN_TAIL_TOKENS} "
                           "tokens), which is dropped") for r in unused]
     log(f"{total} tokens → {n_blocks} blocks of {B} ({total - kept} tail tokens dropped) in {len(specs)} shards")
-    results = _run_shard_tasks(_text_shard_task, specs, log, n_blocks, stage1.num_rows - len(set(p["rel"])) + len(unused))
+    n_rejects = stage1.num_rows - len(set(p["rel"])) + len(unused)
+    results = _run_shard_tasks(_text_shard_task, specs, log, n_blocks, n_rejects)
     sizes = [s for i in range(len(specs)) for s in results[i]["sizes"]]
     manifest = [(k, n, s, size, ln, lab) for (k, n, s, _, ln, lab), size in zip(manifest, sizes)]
     return {"manifest": manifest, "results": results, "extra_rejects": extra,
@@ -605,7 +521,7 @@ def _text_shard_task(index: int, job: Job, b0: int, b1: int, kept: int, chunk: l
     B = job.options["block_size"]
     path = posixpath.join(job.dst, mf.shard_name("text", index))
     members = [f"block-{b:09d}.{x}" for b in range(b0, b1) for x in ("ids.npy", "json")]
-    if (sizes := _existing_shard(job, path, members)) is not None:
+    if (sizes := mf.existing_shard(job.dst_fs, path, members)) is not None:
         return {"index": index, "sizes": sizes, "skipped": True}
     tok = load_tokenizer(job.tokenizer_json)
     parts = []
@@ -627,12 +543,10 @@ def _text_shard_task(index: int, job: Job, b0: int, b1: int, kept: int, chunk: l
             meta = {"source": sources[0], "sources": sources, "label": None, "length": len(ids), "offset": g0}
             yield f"block-{b:09d}", "ids.npy", _npy_bytes(ids), meta
 
-    return {"index": index, "sizes": _write_shard(job, path, blocks()), "skipped": False}
+    return {"index": index, "sizes": mf.write_shard(job.dst_fs, path, blocks()), "skipped": False}
 
 
 def _npy_bytes(ids: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, ids, allow_pickle=False)
     return buf.getvalue()
@@ -646,10 +560,7 @@ def _finish(job: Job, plan: dict, output: str, stage1: pa.Table, result: dict, n
     rejects = sorted([tuple(r.values()) for r in bad.select(["source", "stage", "reason"]).to_pylist()]
                      + result["extra_rejects"])
     rows = result["manifest"]
-    manifest = pa.table([pa.array(col, f.type) for col, f in zip(zip(*rows), mf.MANIFEST_SCHEMA)]
-                        if rows else [pa.array([], f.type) for f in mf.MANIFEST_SCHEMA], schema=mf.MANIFEST_SCHEMA)
-    rej = pa.table([pa.array(col, f.type) for col, f in zip(zip(*rejects), mf.REJECTS_SCHEMA)]
-                   if rejects else [pa.array([], f.type) for f in mf.REJECTS_SCHEMA], schema=mf.REJECTS_SCHEMA)
+    manifest, rej = mf.table_of(rows, mf.MANIFEST_SCHEMA), mf.table_of(rejects, mf.REJECTS_SCHEMA)
     fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.MANIFEST), mf.table_bytes(manifest), only_if_changed=True)
     fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.REJECTS), mf.table_bytes(rej), only_if_changed=True)
     skipped = sum(r["skipped"] for r in result["results"].values())
@@ -666,9 +577,7 @@ def _finish(job: Job, plan: dict, output: str, stage1: pa.Table, result: dict, n
     if "text" in result:
         stats["text"] = result["text"]
     fs.write_bytes(job.dst_fs, posixpath.join(job.dst, mf.STATS), json.dumps(stats, indent=2).encode() + b"\n")
-    for name in fs.list_dir(job.dst_fs, job.dst):
-        if name.endswith(fs.TMP_SUFFIX) and _is_ours(name):
-            fs.delete(job.dst_fs, posixpath.join(job.dst, name))
+    mf.remove_temps(job.dst_fs, job.dst)
     log(f"done: {stats['samples']} samples in {stats['num_shards']} shards ({skipped} skipped), "
         f"{stats['rejects']} rejects, {seconds:.1f} s ({stats['samples_per_second']} samples/s)")
     return stats

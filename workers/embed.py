@@ -29,10 +29,19 @@ class InputError(ValueError):
 
 
 def model_input(path: Path, cfg: Config, tokenizer: Path | None) -> torch.Tensor:
-    """One file -> a batch of one model-ready input."""
-    m, ext = cfg.model.modality, path.suffix.lower()
+    """One file -> a batch of one model-ready input; undecodable files raise InputError naming them."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    try:
+        return _model_input(path, cfg, tokenizer)
+    except InputError:
+        raise
+    except Exception as err:  # decoders raise many types (PIL, soundfile, json, unicode, numpy)
+        raise InputError(f"{path}: cannot be read as {cfg.model.modality} input ({type(err).__name__}: {err})") from None
+
+
+def _model_input(path: Path, cfg: Config, tokenizer: Path | None) -> torch.Tensor:
+    m, ext = cfg.model.modality, path.suffix.lower()
     if ext == ".npy":
         arr = np.load(path, allow_pickle=False)
         want = {"vision": 3, "audio": 1, "text": 1}[m]

@@ -160,7 +160,7 @@ def pretrain(
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     tracking.check_reachable()
     run_name = run_name or f"{modality}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage_path = Path(storage or os.environ.get("D2V_STORAGE") or DEFAULT_STORAGE).resolve()
+    storage_path = _storage_path(storage)
 
     # 2. the MLflow run (resumed runs keep theirs)
     run_id = _start_or_resume_run(cfg, info, run_name, modality)
@@ -185,7 +185,7 @@ def pretrain(
                 resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
             ),
             run_config=RunConfig(
-                name=run_name, storage_path=str(storage_path),
+                name=run_name, storage_path=storage_path,
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=3),
             ),
@@ -195,6 +195,12 @@ def pretrain(
         if started_ray:
             ray.shutdown()
     return _finish(cfg, result, run_id, run_name, modality, info, register)
+
+
+def _storage_path(storage: str | Path | None) -> str:
+    """Run storage: URIs (s3://, gs://) pass through unchanged; local paths become absolute."""
+    s = str(storage or os.environ.get("D2V_STORAGE") or DEFAULT_STORAGE)
+    return s if "://" in s else str(Path(s).resolve())
 
 
 def _init_ray(workers: int) -> bool:
