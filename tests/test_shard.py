@@ -210,6 +210,7 @@ def _rejects(dst) -> dict[str, tuple[str, str]]:
 
 # ---------------------------------------------------------------- vision
 
+@pytest.mark.slow
 def test_vision_shards_readable_exact_and_complete(vision_src, vision_out):
     src, good, bad = vision_src
     dst, stats = vision_out
@@ -239,6 +240,7 @@ def test_vision_shards_readable_exact_and_complete(vision_src, vision_out):
     assert np.abs(grey - ref).max() <= 1  # 16-bit scaled, not clipped
 
 
+@pytest.mark.slow
 def test_vision_rerun_is_byte_identical_and_skips(vision_src, vision_out):
     src, _, _ = vision_src
     dst, first = vision_out
@@ -249,6 +251,7 @@ def test_vision_rerun_is_byte_identical_and_skips(vision_src, vision_out):
     assert _files(dst) == before and _mtimes(dst) == mtimes
 
 
+@pytest.mark.slow
 def test_vision_resume_after_kill(ray_local, vision_src, vision_out, tmp_path):
     """Killed half-way: some shards, the manifest and the validation cache missing, a stale temp file."""
     src, _, _ = vision_src
@@ -265,6 +268,7 @@ def test_vision_resume_after_kill(ray_local, vision_src, vision_out, tmp_path):
     assert not glob.glob(f"{dst}/*.tmp")
 
 
+@pytest.mark.slow
 def test_changed_inputs_refused_unless_overwrite(ray_local, vision_src, tmp_path):
     src = tmp_path / "src"
     for rel in vision_src[1][:5]:
@@ -290,6 +294,7 @@ def test_changed_inputs_refused_unless_overwrite(ray_local, vision_src, tmp_path
 
 # ---------------------------------------------------------------- audio
 
+@pytest.mark.slow
 def test_audio_shards(ray_local, audio_src, tmp_path):
     src, good, transcripts, bad = audio_src
     dst = tmp_path / "dst"
@@ -317,6 +322,7 @@ def test_audio_shards(ray_local, audio_src, tmp_path):
 
 # ---------------------------------------------------------------- text
 
+@pytest.mark.slow
 def test_text_blocks_round_trip(ray_local, text_src, tmp_path):
     src, bad = text_src
     dst = tmp_path / "dst"
@@ -353,6 +359,7 @@ def test_text_blocks_round_trip(ray_local, text_src, tmp_path):
     assert again["shards_skipped"] == again["num_shards"]
 
 
+@pytest.mark.slow
 def test_text_file_lost_in_dropped_tail_is_rejected(ray_local, tmp_path):
     """A file whose tokens all land in a final partial block of < 16 tokens is reported, not lost silently."""
     src = tmp_path / "src"
@@ -369,6 +376,10 @@ def test_text_file_lost_in_dropped_tail_is_rejected(ray_local, tmp_path):
     assert _rejects(tmp_path / "dst") == {"zz.txt": ("block", _rejects(tmp_path / "dst")["zz.txt"][1])}
     assert "final partial block" in _rejects(tmp_path / "dst")["zz.txt"][1]
     assert stats["inputs"] == stats["text"]["used_inputs"] + stats["rejects"] == 2
+    # a single file is a valid input too
+    one = run_shard("text", str(src / "a.txt"), str(tmp_path / "one"), block_size=n_a,
+                    tokenizer=str(tmp_path / "tok.json"))
+    assert (one["inputs"], one["samples"], one["rejects"]) == (1, 1, 0)
 
 
 def test_tokenizer_with_wrong_specials_is_refused(text_src, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,9 +29,12 @@ def cmd_shard(a: argparse.Namespace) -> None:
     kw = {}
     if a.samples_per_shard is not None:
         kw["samples_per_shard"] = a.samples_per_shard
-    stats = run_shard(
-        a.modality, a.input, a.output, tokenizer=a.tokenizer, overwrite=a.overwrite, **kw
-    )
+    from pipelines.shard import ShardJobError
+
+    try:
+        stats = run_shard(a.modality, a.input, a.output, tokenizer=a.tokenizer, overwrite=a.overwrite, **kw)
+    except (ShardJobError, ValueError) as err:
+        raise CLIError(str(err)) from None
     print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, (dict, list))}))
 
 
@@ -50,6 +54,15 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         gpus_per_worker=a.gpus_per_worker, run_name=a.run_name,
     )
     print_summary(out)
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from .evaluate import FinetuneConfig, evaluate
+
+    if a.epochs is not None and a.task != "finetune":
+        raise CLIError("--epochs applies to --task finetune only")
+    ft = FinetuneConfig() if a.epochs is None else FinetuneConfig(epochs=a.epochs)
+    print(json.dumps(evaluate(a.model, data=a.data, task=a.task, promote=a.promote, finetune=ft)))
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
@@ -115,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-name", default=None, help="same name = resume from its last checkpoint")
     s.set_defaults(fn=cmd_pretrain, argv=None)
 
+    s = sub.add_parser("evaluate", help="linear-probe or fine-tune accuracy on a labelled split; optional promotion")
+    s.add_argument("model", help="checkpoint dir, runs:/..., models:/name@alias or models:/name/N")
+    s.add_argument("--data", default=None,
+                   help="labelled split LABELLED/{train,test}/<class>/<file> (default: the demo corpus of the modality)")
+    s.add_argument("--task", choices=("linear-probe", "finetune"), default="linear-probe")
+    s.add_argument("--promote", action="store_true", help="move alias 'champion' here if it beats the champion")
+    s.add_argument("--epochs", type=int, default=None, help="finetune epochs (default 5)")
+    s.set_defaults(fn=cmd_evaluate)
+
     s = sub.add_parser("embed", help="final-layer hidden states [T, D] per input, saved as .npz")
     s.add_argument("model", help="checkpoint dir, runs:/..., or models:/name@alias")
     s.add_argument("inputs", nargs="+", help="image / audio / .txt / .json / .npy files")
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.config import ConfigError
 
     from .embed import InputError
+    from .evaluate import EvaluationError
 
     from .pretrain import DataError
     from .tracking import TrackingUnavailable
@@ -148,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (CLIError, ConfigError, InputError, FileNotFoundError, FileExistsError, DataError,
-            TrackingUnavailable) as err:
+            TrackingUnavailable, EvaluationError) as err:
         print(f"d2v {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ConnectionError as err:  # ray.init could not reach RAY_ADDRESS
+        print(f"d2v {args.command}: error: cannot reach the Ray cluster (RAY_ADDRESS="
+              f"{os.environ.get('RAY_ADDRESS', '')!r}): {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"d2v {args.command}: training stopped: {err}", file=sys.stderr)

@@ -64,7 +64,7 @@ def _model_input(path: Path, cfg: Config, tokenizer: Path | None) -> torch.Tenso
         if tokenizer is None:
             raise InputError(f"{path}: the checkpoint has no tokenizer.json, so .txt inputs cannot be tokenised")
         f = cfg.model.frontend
-        ids = preprocess.encode_text(tokenizer, path.read_text(encoding="utf-8"), f.max_positions - f.pad_id - 1)
+        ids = preprocess.encode_text(tokenizer, path.read_bytes(), f.max_positions - f.pad_id - 1)
         return torch.tensor(ids, dtype=torch.long)[None]
     raise InputError(f"{path}: cannot embed a {ext or 'suffix-less'} file with a {m} model")
 

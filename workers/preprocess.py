@@ -104,10 +104,12 @@ def normalize_wave(wav: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- text
-def encode_text(tokenizer_json: str | Path, text: str, max_tokens: int, bos_id: int = 0, eos_id: int = 2) -> list[int]:
-    """Tokenise with the checkpoint's tokenizer.json -> [<s>] ids [</s>], truncated to max_tokens."""
-    from tokenizers import Tokenizer
+def encode_text(tokenizer_json: str | Path, data: bytes, max_tokens: int) -> list[int]:
+    """Raw text bytes -> <s> ids </s>, normalised and tokenised exactly as `d2v shard` does for training
+    (documents joined by </s>), truncated to max_tokens."""
+    from pipelines.decode import text_documents
+    from pipelines.tokenizer import BOS_ID, EOS_ID, encode_documents, load_tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    ids = tok.encode(text, add_special_tokens=False).ids[: max_tokens - 2]
-    return [bos_id, *ids, eos_id]
+    tok = load_tokenizer(Path(tokenizer_json).read_text(encoding="utf-8"), where=str(tokenizer_json))
+    stream = encode_documents(tok, text_documents(data))[:-1]  # drop the last document's </s>
+    return [BOS_ID, *stream[: max_tokens - 2].tolist(), EOS_ID]
