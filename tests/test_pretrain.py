@@ -1,4 +1,7 @@
-"""Pretraining on a real local Ray cluster (2 Train workers, DDP) tracked in a real `mlflow server`."""
+"""Pretraining on a real local Ray cluster (2 Train workers, DDP) tracked in a real `mlflow server`.
+
+Registration of each modality's result (checkpoint files, run params/tags/metrics/artifacts, the
+`candidate` alias) is checked by tests/test_workflow.py, whose pretrain stage is this same driver."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import load_student
 from workers.pretrain import DataError, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,42 +29,6 @@ def _client():
     from mlflow import MlflowClient
 
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-
-
-@pytest.mark.parametrize("modality", ["audio", "text"])
-def test_pretrain_writes_checkpoints_and_registers_candidate(modality, demo_shards, mlflow_server, tmp_path):
-    _, shards = demo_shards(modality)
-    out = pretrain(modality, shards, overrides=TINY_RUN, workers=2, run_name=f"reg-{modality}", storage=tmp_path)
-    run_dir = tmp_path / f"reg-{modality}"
-    assert (run_dir / "step_00000003" / "model.safetensors").is_file()
-    final = run_dir / "step_00000006"
-    assert json.loads((final / "state.json").read_text())["step"] == 6
-    for f in ("model.safetensors", "teacher.safetensors", "optimizer.pt", "config.yaml"):
-        assert (final / f).is_file(), f
-    if modality == "text":
-        assert (final / "tokenizer.json").is_file()
-
-    c = _client()
-    name = f"data2vec-{modality}"
-    mv = c.get_model_version_by_alias(name, "candidate")
-    assert mv.version == out["version"] and mv.run_id == out["run_id"]
-    run = c.get_run(out["run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["modality"] == modality and run.data.tags["preset"] == f"{modality}-tiny"
-    assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["data_fingerprint"]
-    assert run.data.params["train.max_steps"] == "6"
-    losses = c.get_metric_history(out["run_id"], "loss")
-    assert [m.step for m in losses] == [2, 4, 6]
-    for key in ("lr", "ema_decay", "target_std", "pred_std", "grad_norm", "samples_per_s"):
-        assert c.get_metric_history(out["run_id"], key), key
-    arts = {a.path for a in c.list_artifacts(out["run_id"])}
-    assert {"config.yaml", "curves.png", "checkpoint"} <= arts
-
-    import mlflow
-
-    local = mlflow.artifacts.download_artifacts(f"models:/{name}@candidate")
-    cfg, student = load_student(Path(local))
-    assert cfg.model.modality == modality and cfg.train.max_steps == 6
 
 
 def test_resume_and_worker_failure(demo_shards, mlflow_server, tmp_path, capfd):
@@ -85,21 +51,21 @@ def test_resume_and_worker_failure(demo_shards, mlflow_server, tmp_path, capfd):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    overrides = ["train.max_steps=24", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
+    overrides = ["train.max_steps=16", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
                  "data.num_workers=1"]
     first = pretrain("text", shards, overrides=overrides, workers=2, run_name=name, storage=tmp_path)
     t.join(timeout=5)
     assert killed, "no Train worker was found to kill"
-    assert first["step"] == 24
-    assert json.loads((run_dir / "step_00000024" / "state.json").read_text())["step"] == 24
+    assert first["step"] == 16
+    assert json.loads((run_dir / "step_00000016" / "state.json").read_text())["step"] == 16
     assert "resumed from checkpoint at step" in capfd.readouterr().out
 
-    overrides[0] = "train.max_steps=28"
+    overrides[0] = "train.max_steps=20"
     second = pretrain("text", shards, overrides=overrides, workers=2, run_name=name, storage=tmp_path)
-    assert "resumed from checkpoint at step 24" in capfd.readouterr().out
-    assert second["step"] == 28 and second["run_id"] == first["run_id"]
+    assert "resumed from checkpoint at step 16" in capfd.readouterr().out
+    assert second["step"] == 20 and second["run_id"] == first["run_id"]
     steps = [m.step for m in _client().get_metric_history(second["run_id"], "loss")]
-    assert steps[-1] == 28 and 24 in steps
+    assert steps[-1] == 20 and 16 in steps
 
 
 def test_bad_config_and_data_fail_before_ray(tmp_path, demo_shards):

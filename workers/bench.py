@@ -139,9 +139,108 @@ def bench_train_step_mfu(warmup: int, runs: int, batch: int = 8) -> list[Row]:
                 f"ViT-B/16 batch {batch}: {t:.2f} s/step; reference = fp32 2048^3 matmul peak")]
 
 
+# -------------------------------------------------------------------------------------------- data
+def bench_loader(warmup: int, runs: int) -> list[Row]:
+    """Loader samples/s (real shards, loader workers) vs the samples/s the training step consumes."""
+    from .bench_data import bench_loader as rows
+
+    return [Row(**r) for r in rows(warmup, runs)]
+
+
+def bench_sharding(warmup: int, runs: int, n: int = 400) -> list[Row]:
+    """`d2v shard vision` on Ray Data vs a single-process decode+validate+encode+tar of the same files."""
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import ray
+    from PIL import Image
+
+    from pipelines.decode import decode_image
+    from pipelines.shard import run_shard
+
+    with tempfile.TemporaryDirectory(prefix="d2v-bench-shard-") as tmp:
+        src = Path(tmp) / "src"
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            d = src / f"class_{i % 10}"
+            d.mkdir(parents=True, exist_ok=True)
+            a = (rng.random((128, 160, 3)) * 255).astype(np.uint8)
+            Image.fromarray(a).save(d / f"{i:05d}.png")
+        files = sorted(src.rglob("*.png"))
+
+        def single():
+            with tarfile.open(Path(tmp) / "single.tar", "w") as tar:
+                for f in files:
+                    data = decode_image(f.read_bytes()).encode()
+                    info = tarfile.TarInfo(f.stem + ".png")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+        t_single = median_time(single, 0, max(1, runs // 4))
+        started = not ray.is_initialized()
+        if started:
+            ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, log_to_driver=False)
+        try:
+            run_shard("vision", str(src), str(Path(tmp) / "warm"), samples_per_shard=50)  # warm the workers
+
+            def sharded():
+                out = Path(tmp) / "dst"
+                shutil.rmtree(out, ignore_errors=True)
+                run_shard("vision", str(src), str(out), samples_per_shard=50)
+
+            t_ray = median_time(sharded, 0, max(1, runs // 4))
+        finally:
+            if started:
+                ray.shutdown()
+    cores = os.cpu_count() or 1
+    return [Row("sharding_vs_single", n / t_ray, n / t_single, t_single / t_ray, "samples/s", f"~{cores} (cores)",
+                f"{n} PNG 160x128 -> validated PNG shards; Ray Data on {cores} cores vs one process")]
+
+
+# ------------------------------------------------------------------------------------------- train
+def bench_train_steps(warmup: int, runs: int) -> list[Row]:
+    """Steps/s of the real training loop (workers.train.train, no Ray) on loader batches, with its time split."""
+    import tempfile
+
+    from model.config import apply_overrides
+    from model.presets import get_preset
+
+    from .bench_data import write_bench_shards
+    from .loader import build_loader
+    from .train import Hooks, train
+
+    rows = []
+    cases = [("vision", "tiny", "vision-tiny", 20 + 10 * runs), ("audio", "tiny", "audio", 10 + 5 * runs),
+             ("text", "tiny", "text", 20 + 10 * runs), ("vision", "base", "vision-base", 2 + runs // 2)]
+    with tempfile.TemporaryDirectory(prefix="d2v-bench-train-") as root:
+        for modality, size, kind, steps in cases:
+            print(f"[bench] train_steps {modality}-{size} ...", file=sys.stderr, flush=True)
+            cfg = get_preset(modality, size)
+            bs = 8 if size == "base" else cfg.train.batch_size
+            cfg = apply_overrides(cfg, [f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
+                                        f"train.log_every={steps}", f"train.batch_size={bs}",
+                                        "data.num_workers=2", "train.collapse_after=1000000"])
+            shards = write_bench_shards(root, kind, 128 if size == "tiny" else 32, per_shard=32)
+            out = train(cfg, lambda start: build_loader(cfg, shards, start_step=start, num_samples=len(shards) * 32),
+                        Hooks(progress=lambda s: None))
+            t = out["timings"]
+            total = sum(t.values())
+            split = " ".join(f"{k} {100 * v / total:.0f}%" for k, v in t.items())
+            rows.append(Row(f"train_{modality}_{size}", steps / total, bs, bs * steps / total, "steps/s",
+                            "report", f"ratio = samples/s (batch {bs}); split: {split}"))
+    return rows
+
+
 BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
     "student_step_vs_hf": bench_student_vs_hf,
     "train_step_mfu": bench_train_step_mfu,
+    "loader": bench_loader,
+    "sharding": bench_sharding,
+    "train_steps": bench_train_steps,
 }
 
 

@@ -65,6 +65,20 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(json.dumps(evaluate(a.model, data=a.data, task=a.task, promote=a.promote, finetune=ft)))
 
 
+def cmd_workflow(a: argparse.Namespace) -> None:
+    from .workflow import Plan, run_workflow
+
+    data = Path(a.data or f"data/{a.modality}").resolve()
+    plan = Plan(a.modality, Path(a.input).resolve() if a.input else None, data,
+                Path(a.labelled).resolve() if a.labelled else None, preset=a.preset, overrides=a.set,
+                workers=a.workers, task=a.task)
+    state = run_workflow(plan)
+    print(json.dumps({k: {"status": v.get("status"), "fingerprint": v.get("fingerprint")} for k, v in state.items()}))
+    ev = state.get("evaluate", {}).get("outputs", {})
+    if ev:
+        print(json.dumps(ev, default=str))
+
+
 def cmd_embed(a: argparse.Namespace) -> None:
     from model.checkpoint import load_encoder
 
@@ -137,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None, help="finetune epochs (default 5)")
     s.set_defaults(fn=cmd_evaluate)
 
+    s = sub.add_parser("workflow", help="shard -> pretrain -> register -> evaluate -> promote, skipping done stages")
+    s.add_argument("modality", choices=MODALITIES)
+    s.add_argument("--input", default=None, help="raw corpus (default: the demo corpus, built when missing)")
+    s.add_argument("--data", default=None, help="shard directory (default: data/<modality>)")
+    s.add_argument("--labelled", default=None, help="labelled split for evaluation (default: the demo corpus's)")
+    s.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--task", choices=("linear-probe", "finetune"), default="linear-probe")
+    s.set_defaults(fn=cmd_workflow)
+
     s = sub.add_parser("embed", help="final-layer hidden states [T, D] per input, saved as .npz")
     s.add_argument("model", help="checkpoint dir, runs:/..., or models:/name@alias")
     s.add_argument("inputs", nargs="+", help="image / audio / .txt / .json / .npy files")
@@ -163,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .embed import InputError
     from .evaluate import EvaluationError
-
     from .pretrain import DataError
     from .tracking import TrackingUnavailable
     from .train import TrainingStopped
+    from .workflow import WorkflowError
 
     try:
         args.fn(args)
@@ -178,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"d2v {args.command}: error: cannot reach the Ray cluster (RAY_ADDRESS="
               f"{os.environ.get('RAY_ADDRESS', '')!r}): {err}", file=sys.stderr)
         return 2
+    except WorkflowError as err:
+        print(f"d2v {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except TrainingStopped as err:
         print(f"d2v {args.command}: training stopped: {err}", file=sys.stderr)
         return 3
-        print(f"d2v {args.command}: error: {err}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -1,0 +1,93 @@
+"""`d2v workflow` end to end on a real local Ray cluster and a real MLflow server, per modality:
+shard -> pretrain (2 Train workers, DDP) -> register -> evaluate -> promote; a rerun skips every stage.
+The pretrain stage is `workers.pretrain.pretrain`, so this is also where registration is checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import load_student
+from workers.workflow import Plan, WorkflowError, run_workflow
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.max_steps=6", "train.checkpoint_every=3", "train.log_every=2", "train.batch_size=4",
+         "data.num_workers=1"]
+
+
+def check_registered(client, modality: str, pre: dict, storage: Path) -> None:
+    """The pretrain stage wrote checkpoints and registered them, as an MlflowClient reads them back."""
+    run_dir = storage / pre["run_name"]
+    assert (run_dir / "step_00000003" / "model.safetensors").is_file()
+    final = run_dir / "step_00000006"
+    assert json.loads((final / "state.json").read_text())["step"] == 6
+    for f in ("model.safetensors", "teacher.safetensors", "optimizer.pt", "config.yaml"):
+        assert (final / f).is_file(), f
+    assert (final / "tokenizer.json").is_file() == (modality == "text")
+
+    name = f"data2vec-{modality}"
+    mv = client.get_model_version_by_alias(name, "candidate")
+    assert mv.version == pre["version"] and mv.run_id == pre["run_id"]
+    run = client.get_run(pre["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["modality"] == modality and run.data.tags["preset"] == f"{modality}-tiny"
+    assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["data_fingerprint"]
+    assert run.data.params["train.max_steps"] == "6"
+    assert [m.step for m in client.get_metric_history(pre["run_id"], "loss")] == [2, 4, 6]
+    for key in ("lr", "ema_decay", "target_std", "pred_std", "grad_norm", "samples_per_s"):
+        assert client.get_metric_history(pre["run_id"], key), key
+    assert {"config.yaml", "curves.png", "checkpoint"} <= {a.path for a in client.list_artifacts(pre["run_id"])}
+
+    import mlflow
+
+    cfg, _ = load_student(Path(mlflow.artifacts.download_artifacts(f"models:/{name}@candidate")))
+    assert cfg.model.modality == modality and cfg.train.max_steps == 6
+
+
+def check_children(client, modality: str, statuses: set[str]) -> None:
+    exp = client.get_experiment_by_name(f"d2v-workflow-{modality}")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    last = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0].info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == last]
+    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "pretrain", "shard"]
+    assert {r.data.tags["status"] for r in children} == statuses
+
+
+@pytest.mark.parametrize("modality", ["vision", "audio", "text"])
+def test_workflow_end_to_end_then_rerun_skips(modality, demo_shards, mlflow_server, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    demo, _ = demo_shards(modality)
+    storage = tmp_path / "runs"
+    monkeypatch.setenv("D2V_STORAGE", str(storage))
+    labelled = demo / "labelled"
+    if modality == "vision":  # also: a failed stage re-runs from there, finished stages stay done
+        empty = tmp_path / "empty"
+        (empty / "train").mkdir(parents=True)
+        (empty / "test").mkdir()
+        labelled = empty
+    plan = Plan(modality, demo / "pretrain", tmp_path / "shards", labelled, overrides=STEPS, workers=2)
+    if modality == "vision":
+        with pytest.raises(WorkflowError, match="evaluate"):
+            run_workflow(plan)
+        failed = json.loads(plan.state_file.read_text())
+        assert failed["pretrain"]["status"] == "done" and failed["evaluate"]["status"] == "failed"
+        plan.labelled = demo / "labelled"
+    state = run_workflow(plan)
+    assert [state[s]["status"] for s in ("shard", "pretrain", "evaluate")] == ["done"] * 3
+    if modality == "vision":
+        assert state["pretrain"] == failed["pretrain"]  # not re-run after the failure
+    pre, ev = state["pretrain"]["outputs"], state["evaluate"]["outputs"]
+    check_registered(c, modality, pre, storage)
+    assert ev["version"] == pre["version"] and 0.0 <= ev["accuracy"] <= 1.0
+    mv = c.get_model_version(f"data2vec-{modality}", ev["version"])
+    assert float(mv.tags["eval.linear-probe.accuracy"]) == pytest.approx(ev["accuracy"])
+    assert mv.tags["eval.linear-probe.promotion"] == ev["promotion_reason"]
+
+    recorded = json.loads(plan.state_file.read_text())
+    assert run_workflow(plan) == recorded  # every stage skipped: outputs and timings unchanged
+    check_children(c, modality, {"skipped"})
