@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray instance (4 logical CPUs on this 2-core box: Train workers reserve one each, no dashboard), started once per test session and shut down after.
+    """A real local Ray instance (4 logical CPUs on this 2-core box: Train workers reserve one each; the dashboard serves the state API Ray Train polls), started once per test session and shut down after.
 
     Workers get the repository root on PYTHONPATH so they import `pipelines`/`workers` from this checkout.
     If a test session already runs Ray (e.g. RAY_ADDRESS or an earlier init), it is reused and left alone.
@@ -22,7 +22,7 @@ def ray_local():
         yield ray
         return
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(num_cpus=4, runtime_env={"env_vars": {"PYTHONPATH": path}})
     try:
         yield ray
     finally:

@@ -117,7 +117,7 @@ def test_vision_batch_contract_and_equal_steps(shards):
         assert len(batches) == 12  # > 2 epochs of spe=6 steps on both ranks, no early stop
         for b in batches:
             assert b.inputs.shape == (4, 3, 32, 32) and b.inputs.dtype == torch.float32
-            assert b.mask.shape == (4, 64) and b.mask.dtype == torch.bool
+            assert b.mask.shape == (4, cfg.model.frontend.grid ** 2) and b.mask.dtype == torch.bool
             assert b.padding_mask is None and b.teacher_inputs is None
             counts = b.mask.sum(1)
             assert ((counts > 0) & (counts <= cfg.masking.num_masked)).all()

@@ -214,7 +214,7 @@ def _init_ray(workers: int) -> bool:
                  log_to_driver=True)
     else:
         # each Train worker reserves a CPU; leave headroom for the loader and Ray's own tasks
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2, log_to_driver=True)  # dashboard: Train uses its state API
     return True
 
 

@@ -105,7 +105,7 @@ def run_workflow(plan: Plan) -> dict:
     pid = parent.info.run_id
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False,
+        ray.init(num_cpus=(os.cpu_count() or 1) + 2,
                  runtime_env={"env_vars": _forwarded_env()})
     try:
         src = plan.input
