@@ -438,7 +438,7 @@ def _read_hf_weights(hf_dir: Path, modality: str) -> tuple[dict[str, torch.Tenso
 def _from_hf_state(
     hf: dict[str, torch.Tensor], enc: Encoder, m: ModelConfig, src: Path
 ) -> dict[str, torch.Tensor]:
-    mod, D = m.modality, m.trunk.dim
+    mod = m.modality
     prefix, _, (qn, kn, vn) = _BLOCK[mod]
     ours = enc.state_dict()
     used: set[str] = set()

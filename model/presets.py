@@ -11,7 +11,6 @@ from typing import Callable
 
 from .config import (
     AudioFrontendConfig,
-    BertMaskConfig,
     BlockMaskConfig,
     Config,
     ConfigError,
