@@ -105,14 +105,9 @@ def step_rate(cfg: Config, batch, warmup: int, runs: int) -> float:
         opt.zero_grad(set_to_none=True)
         teacher.update(student.encoder, tau)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return len(batch) / statistics.median(times)
+    from .bench import median_time
+
+    return len(batch) / median_time(step, warmup, runs)
 
 
 def _row(name: str, ours: float, ref: float, note: str) -> dict[str, Any]:
