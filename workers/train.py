@@ -12,7 +12,7 @@ import json
 import math
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,21 +66,15 @@ class Timer:
         self.totals: dict[str, float] = {}
         self.cuda = device.type == "cuda"
 
+    @contextmanager
     def phase(self, name: str):
-        timer = self
-
-        class _P:
-            def __enter__(self):
-                if timer.cuda:
-                    torch.cuda.synchronize()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                if timer.cuda:
-                    torch.cuda.synchronize()
-                timer.totals[name] = timer.totals.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _P()
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
 
 
 def train(cfg: Config, batches_from: Callable[[int], Any], hooks: Hooks, tokenizer: Path | None = None) -> dict:

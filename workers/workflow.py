@@ -148,7 +148,7 @@ def _stage(plan: Plan, state: dict, c, exp: str, parent_id: str, name: str, fp: 
         return rec["outputs"]
     _say(f"{name}: running (fingerprint {fp})")
     t0 = time.time()
-    task = ray.remote(num_cpus=0, max_retries=0)(lambda: fn()).options(runtime_env={"env_vars": _forwarded_env()})
+    task = ray.remote(num_cpus=0, max_retries=0)(fn).options(runtime_env={"env_vars": _forwarded_env()})
     try:
         outputs = ray.get(task.remote())
     except Exception as err:
