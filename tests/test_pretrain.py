@@ -98,11 +98,11 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
 
 def _pretrain_on_ray_head(args: list[str], overrides: list[str], env: dict, cwd: Path):
     """Start `ray start --head` on loopback, run `d2v pretrain ARGS` against it with RAY_ADDRESS, tear it down."""
-    from tests.conftest import free_port
-
     import secrets
     import shutil
     import tempfile
+
+    from tests.conftest import free_port
 
     port = free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -119,7 +119,7 @@ def _pretrain_on_ray_head(args: list[str], overrides: list[str], env: dict, cwd:
         for o in overrides:
             cmd += ["--set", o]
         env = {**os.environ, **auth, **env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600), port
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600, check=False), port
     finally:
         # the whole head (gcs, raylet, workers) shares the session started above; SIGKILL because
         # `ray start --block` spends ~35 s on a graceful SIGTERM shutdown of a throwaway cluster
