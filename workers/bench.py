@@ -42,6 +42,22 @@ def median_time(fn: Callable[[], object], warmup: int, runs: int) -> float:
     return statistics.median(times)
 
 
+def median_times_interleaved(fns: list[Callable[[], object]], warmup: int, runs: int) -> list[float]:
+    """Medians of several functions timed in alternation (a, b, b, a, ...), so that drift of the machine
+    (clock, cache, other load) during the run falls on each of them alike instead of on whichever ran last."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(runs):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def matmul_peak_flops(n: int = 2048, runs: int = 8) -> float:
     """fp32 matmul FLOP/s of this machine, measured now (the MFU denominator)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -97,8 +113,7 @@ def bench_student_vs_hf(warmup: int, runs: int, batch: int = 8) -> list[Row]:
         h = hf(pixel_values=pixels, bool_masked_pos=mask).last_hidden_state[:, 1:]
         hf_head(h[mask]).float().square().mean().backward()
 
-    t_ours = median_time(step_ours, warmup, runs)
-    t_hf = median_time(step_hf, warmup, runs)
+    t_ours, t_hf = median_times_interleaved([step_ours, step_hf], warmup, runs)
     return [Row("student_step_vs_hf", t_ours, t_hf, t_ours / t_hf, "s/step", "<= 0.9",
                 f"ViT-B/16 224^2 batch {batch}, {int(mask[0].sum())}/196 masked, fwd+bwd")]
 
