@@ -118,9 +118,10 @@ def run_workflow(plan: Plan) -> dict:
                valid=lambda out: (plan.data / "stats.json").is_file())
         cfg_fp = _hash("pretrain", shard_fp, plan.preset, sorted(plan.overrides), plan.workers)
         run_name = f"workflow-{plan.modality}-{cfg_fp[:8]}"
+        name = tracking.MODEL_NAME.format(modality=plan.modality)
         pre = _stage(plan, state, c, exp, pid, "pretrain", cfg_fp, lambda: stage_pretrain(plan, run_name),
-                     valid=lambda out: _version_exists(out))
-        model = f"models:/{tracking.MODEL_NAME.format(modality=plan.modality)}/{pre['version']}"
+                     valid=lambda out: _version_exists(name, out["version"]))
+        model = f"models:/{name}/{pre['version']}"
         labelled = plan.labelled or plan.demo_dir / "labelled"
         eval_fp = _hash("evaluate", model, plan.task, listing_fingerprint(labelled) if labelled.is_dir() else "")
         _stage(plan, state, c, exp, pid, "evaluate", eval_fp, lambda: stage_evaluate(plan, model))
@@ -167,9 +168,9 @@ def _stage(plan: Plan, state: dict, c, exp: str, parent_id: str, name: str, fp: 
     return outputs
 
 
-def _version_exists(out: dict) -> bool:
+def _version_exists(name: str, version: str) -> bool:
     try:
-        tracking.client().get_model_version(out["model"].split("/")[1].split("@")[0], out["version"])
+        tracking.client().get_model_version(name, version)
         return True
     except Exception:
         return False
@@ -177,9 +178,8 @@ def _version_exists(out: dict) -> bool:
 
 def _forwarded_env() -> dict[str, str]:
     env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "PYTHONPATH": str(REPO_ROOT)}
-    for k in ("D2V_STORAGE",):
-        if k in os.environ:
-            env[k] = os.environ[k]
+    if "D2V_STORAGE" in os.environ:
+        env["D2V_STORAGE"] = os.environ["D2V_STORAGE"]
     return env
 
 
