@@ -15,7 +15,7 @@ WORKERS ?= 2
 RUN_NAME ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test bench pretrain workflow mlflow-ui clean
+.PHONY: setup test bench gpu-check pretrain workflow mlflow-ui clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,13 @@ test: setup
 
 bench: setup
 	$(PY) -m workers.bench
+
+# On a CUDA machine (never part of `make test`): bf16 steps/s and MFU, peak memory, 1-rank DDP over NCCL,
+# a 1-GPU Ray Train run, and a GPU-written checkpoint loaded on CPU; one JSON line. Uses .venv when it exists,
+# else the machine's python3 (a GPU image with torch; d2v's other dependencies as README says).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m workers.gpu_check $(GPU_CHECK_ARGS)
 
 pretrain: setup
 	$(VENV)/bin/d2v demo-data $(MODALITY) data/demo-$(MODALITY) --skip-existing
