@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require
+
+transformers = require("transformers", "the CLI round trip is checked against its models")
 
 from tests.test_hf_parity import HF_MODEL, hf_config, perturb_  # noqa: E402
 from workers.cli import main  # noqa: E402

@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+from tests.conftest import require
+
+transformers = require("transformers", "the independent reference for our encoders")
 
 from model.checkpoint import load_encoder  # noqa: E402
 from model.config import ConfigError  # noqa: E402

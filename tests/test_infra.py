@@ -332,7 +332,9 @@ def test_cluster_launcher_is_valid_for_ray():
     assert not cfg.get("file_mounts")
 
     # Ray's own schema for this file (ray/autoscaler/ray-schema.json; read without importing ray)
-    jsonschema = pytest.importorskip("jsonschema")
+    from tests.conftest import require
+
+    jsonschema = require("jsonschema", "validates the cluster launcher against Ray's own schema")
     spec = importlib.util.find_spec("ray")
     assert spec is not None and spec.origin
     schema_path = Path(spec.origin).parent / "autoscaler" / "ray-schema.json"
