@@ -29,6 +29,10 @@ class ImageFrontendConfig(_Strict):
     image_size: int = Field(224, gt=0, description="square input side in pixels")
     patch_size: int = Field(16, gt=0, description="square patch side; image_size must be a multiple")
     in_chans: int = Field(3, gt=0, description="input channels")
+    pos_embed: Literal["none", "sincos"] = Field(
+        "none", description="absolute positions added to the patch embeddings before masking: 'sincos' = fixed "
+        "2-D sin-cos table (MAE layout, data2vec 2.0); 'none' (v1 uses the relative position bias instead)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ImageFrontendConfig":
@@ -56,6 +60,10 @@ class AudioFrontendConfig(_Strict):
     pos_conv_kernel: int = Field(19, ge=1, description="kernel of each positional conv layer")
     pos_conv_groups: int = Field(16, ge=1, description="groups of each positional conv layer")
     feature_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the extracted features")
+    alibi: bool = Field(
+        False, description="ALiBi attention bias (-|i-j| x per-head slope) with a learned per-head scale, one bias "
+        "for all blocks (data2vec 2.0 speech)",
+    )
 
     @property
     def feature_dim(self) -> int:
@@ -129,7 +137,15 @@ class ModelConfig(_Strict):
     frontend: FrontendConfig
     trunk: TrunkConfig = Field(default_factory=TrunkConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
-    init_std: float = Field(0.02, gt=0, description="std of truncated-normal init of linear layers")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init of linear layers and embeddings")
+    init_trunc: float | None = Field(
+        None, gt=0, description="truncate the normal init at +-init_trunc x init_std (BEiT: 1.0); "
+        "None = untruncated (fairseq init_bert_params)",
+    )
+    init_outer: Literal["normal", "torch"] = Field(
+        "normal", description="init of the Linear layers outside the trunk (regression head, audio feature "
+        "projection): 'normal' like the trunk (BEiT), 'torch' = PyTorch's default (fairseq speech/text)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -162,13 +178,17 @@ class SpanMaskConfig(_Strict):
     mask_prob: float = Field(0.65, gt=0, lt=1, description="fraction of steps chosen as span starts x length")
     span_length: int = Field(10, gt=0, description="length of each span in steps (tokens for text)")
     min_spans: int = Field(1, ge=0, description="at least this many spans per sample")
+    require_same_masks: bool = Field(
+        False, description="audio: trim every row of a batch to the batch-minimum mask count by unmasking "
+        "random positions (fairseq compute_mask_indices require_same_masks)",
+    )
 
 
 class BertMaskConfig(_Strict):
     """BERT masking for text: choose prob of tokens; of those 80% <mask>, 10% random, 10% unchanged."""
 
     kind: Literal["bert"] = "bert"
-    mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of (non-special) tokens chosen")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="fraction of tokens chosen (<s>, </s> included)")
     replace_mask: float = Field(0.8, ge=0, le=1, description="of the chosen, fraction replaced by <mask>")
     replace_random: float = Field(0.1, ge=0, le=1, description="of the chosen, fraction replaced by a random token")
 
@@ -179,7 +199,86 @@ class BertMaskConfig(_Strict):
         return self
 
 
-MaskingConfig = Annotated[Union[BlockMaskConfig, SpanMaskConfig, BertMaskConfig], Field(discriminator="kind")]
+class InverseBlockMaskConfig(_Strict):
+    """data2vec 2.0 vision (fairseq compute_block_mask_2d, inverse): place square blocks of *kept* patches.
+
+    Block centres: int(N x (1 - mask_prob + mask_prob_adjust) / block^2), uniform with replacement; each marks
+    the block x block square around it (clipped at the border); then random cells are added or removed so that
+    exactly int(N x (1 - mask_prob)) are kept. Every row masks the same number of patches.
+    """
+
+    kind: Literal["inverse_block"] = "inverse_block"
+    mask_prob: float = Field(0.8, gt=0, lt=1, description="fraction of patches masked (the rest is kept)")
+    mask_prob_adjust: float = Field(0.07, ge=0, lt=1, description="added to the kept fraction when placing blocks")
+    block: int = Field(3, gt=1, description="side of the square blocks, in patches")
+
+
+class FrameBlockMaskConfig(_Strict):
+    """data2vec 2.0 speech (fairseq compute_block_mask_1d): spans of `block` frames around random centres.
+
+    Centres: int(T x (mask_prob + mask_prob_adjust) / block), uniform with replacement; then random frames are
+    added or removed so that exactly int(T x mask_prob) are masked in every row.
+    """
+
+    kind: Literal["frame_block"] = "frame_block"
+    mask_prob: float = Field(0.5, gt=0, lt=1, description="fraction of frames masked")
+    mask_prob_adjust: float = Field(0.05, ge=0, lt=1, description="added to mask_prob when placing spans")
+    block: int = Field(5, gt=1, description="frames per span")
+
+
+class RandomMaskConfig(_Strict):
+    """data2vec 2.0 text (MAE random_masking): keep int(T x (1 - mask_prob)) uniformly chosen tokens, no <mask>."""
+
+    kind: Literal["random"] = "random"
+    mask_prob: float = Field(0.48, gt=0, lt=1, description="fraction of tokens masked (dropped from the student)")
+
+
+MaskingConfig = Annotated[
+    Union[
+        BlockMaskConfig, SpanMaskConfig, BertMaskConfig, InverseBlockMaskConfig, FrameBlockMaskConfig,
+        RandomMaskConfig,
+    ],
+    Field(discriminator="kind"),
+]
+
+
+# ------------------------------------------------------------------------------------------------ v2
+class DecoderConfig(_Strict):
+    """data2vec 2.0 conv decoder: `layers` x (grouped conv -> LayerNorm(no affine) -> GELU), a residual around
+    each layer whose input and output widths match (when `residual`), then a projection back to D."""
+
+    dims: Literal[1, 2] = Field(1, description="1: Conv1d over the sequence (speech, text); 2: Conv2d over the patch grid (vision)")
+    layers: int = Field(4, gt=0, description="number of conv layers")
+    kernel: int = Field(7, gt=0, description="conv kernel (odd, so the length is kept)")
+    width: int = Field(384, gt=0, description="conv channels")
+    groups: int = Field(16, gt=0, description="conv groups; must divide width and model.trunk.dim")
+    residual: bool = Field(True, description="residual connection around layers whose in/out widths match")
+    input_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the encoder outputs fed to the decoder")
+    proj_layers: int = Field(1, ge=1, description="1: Linear(width, D); 2: Linear(width, ratio x width) -> GELU -> Linear(., D)")
+    proj_ratio: float = Field(2.0, gt=0, description="hidden width multiple of the first projection (proj_layers > 1)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecoderConfig":
+        if self.kernel % 2 == 0:
+            raise ValueError(f"v2.decoder.kernel={self.kernel} must be odd (a 'same' conv keeps the length)")
+        if self.width % self.groups:
+            raise ValueError(f"v2.decoder.width={self.width} is not divisible by v2.decoder.groups={self.groups}")
+        return self
+
+
+class V2Config(_Strict):
+    """data2vec 2.0: multi-mask student on visible tokens + conv decoder (model.head is not used)."""
+
+    clone_batch: int = Field(8, ge=1, description="M: masked copies of each sample; the teacher runs once per sample")
+    mask_noise_std: float = Field(0.01, ge=0, description="std of the N(0, std^2) noise filling masked decoder inputs")
+    cls_loss: float = Field(
+        0.0, ge=0, description="weight of the CLS loss (CLS output regresses the mean patch target); needs a CLS token"
+    )
+    teacher_local_encoder: bool = Field(
+        False, description="True: the teacher runs its own (EMA) front end on the raw input (vision); False: it "
+        "contextualises the student's local features (speech, text)",
+    )
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
 
 
 # ------------------------------------------------------------------------------------------- teacher
@@ -193,6 +292,11 @@ class TeacherConfig(_Strict):
         "layers",
         description="'all': every encoder parameter averaged (vision); 'layers': only the transformer "
         "blocks and trunk norms averaged, front end and positional encoder copied from the student",
+    )
+    precision: Literal["student", "fp32"] = Field(
+        "student",
+        description="'student': the teacher's forward runs under the student's autocast (fairseq runs the whole "
+        "fp16 model, teacher included); 'fp32': outside autocast in fp32 (data2vec_vision / BEiT)",
     )
 
 
@@ -215,6 +319,11 @@ class LossConfig(_Strict):
     scale: Literal["inv_sqrt_dim", "one"] = Field(
         "inv_sqrt_dim", description="multiply per-step loss by 1/sqrt(D) or 1"
     )
+    normalize: Literal["global_count", "rank_mean"] = Field(
+        "global_count",
+        description="'global_count': sum over all ranks and micro-batches / their total masked steps (fairseq "
+        "sample_size); 'rank_mean': mean per rank and micro-batch, averaged by DDP (data2vec_vision)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "LossConfig":
@@ -229,7 +338,21 @@ class OptimConfig(_Strict):
     lr: float = Field(5e-4, gt=0, description="peak learning rate")
     betas: tuple[float, float] = Field((0.9, 0.98), description="Adam betas")
     eps: float = Field(1e-6, gt=0, description="Adam epsilon")
-    weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay (not on 1-D params, pos, cls)")
+    weight_decay: float = Field(
+        0.01, ge=0, description="decoupled weight decay, on the parameters the rules below leave"
+    )
+    no_decay_1d: bool = Field(
+        False, description="no decay on 1-D tensors and `.bias` (BEiT get_parameter_groups); False = fairseq, "
+        "which decays every parameter"
+    )
+    no_decay: list[str] = Field(
+        default_factory=list, description="parameter names never decayed, matched as the name or a dotted suffix "
+        "of it (BEiT no_weight_decay: cls_token, pos_embed)"
+    )
+    decay: list[str] = Field(
+        default_factory=list, description="parameters decayed although 1-D here, because the reference's tensor is "
+        "not 1-D (our (D,) mask_emb is BEiT's (1, 1, D) mask_token); same matching as no_decay"
+    )
     schedule: Literal["cosine", "tri_stage", "constant"] = Field("cosine", description="LR schedule")
     warmup_steps: int = Field(0, ge=0, description="linear warmup (cosine)")
     final_lr: float = Field(0.0, ge=0, description="LR at the end of the cosine schedule")
@@ -272,15 +395,23 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="global seed")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     max_failures: int = Field(3, ge=0, description="worker-group restarts before the run fails")
-    collapse_min_target_var: float = Field(0.1, ge=0, description="stop if target variance falls below")
-    collapse_min_pred_var: float = Field(0.01, ge=0, description="stop if prediction variance falls below")
+    max_tokens: int | None = Field(
+        None, gt=0, description="token budget per micro-batch (fairseq max_tokens): audio samples / text "
+        "tokens, batch cost = clips x longest clip (capped at the crop); None = batch_size clips",
+    )
+    collapse_min_target_var: float = Field(
+        0.1, ge=0, description="stop if the mean per-dim target std falls below (0 = guard off)"
+    )
+    collapse_min_pred_var: float = Field(
+        0.01, ge=0, description="stop if the mean per-dim prediction std falls below (0 = guard off)"
+    )
     collapse_after: int = Field(5000, ge=0, description="collapse guard active from this update on")
 
 
 class Config(_Strict):
     """The resolved configuration of one run."""
 
-    version: Literal["v1"] = Field("v1", description="data2vec version")
+    version: Literal["v1", "v2"] = Field("v1", description="data2vec version")
     preset: str = Field("custom", description="name of the preset this config came from")
     model: ModelConfig
     masking: MaskingConfig
@@ -290,17 +421,33 @@ class Config(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    v2: V2Config | None = Field(None, description="data2vec 2.0 settings; required with version='v2', else None")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
         m = self.model.modality
-        allowed = {"vision": ("block",), "audio": ("span",), "text": ("bert", "span")}[m]
+        allowed = _MASKS[self.version][m]
         if self.masking.kind not in allowed:
-            raise ValueError(f"masking.kind={self.masking.kind!r} is not valid for {m}; allowed: {allowed}")
+            raise ValueError(
+                f"masking.kind={self.masking.kind!r} is not valid for {m} with version={self.version!r}; allowed: {allowed}"
+            )
+        if self.version == "v2":
+            _check_v2(self)
+        elif self.v2 is not None:
+            raise ValueError("v2: this section is only used with version='v2'; remove it or set version: v2")
         if isinstance(self.masking, BlockMaskConfig):
             n = self.model.frontend.grid ** 2  # type: ignore[union-attr]
             if self.masking.num_masked >= n:
                 raise ValueError(f"masking.num_masked={self.masking.num_masked} must be < {n} patches")
+        if self.train.max_tokens is not None:
+            # one full-length sample must fit the budget (fairseq would drop or refuse longer ones)
+            longest = {"vision": None, "audio": self.data.max_samples, "text": self.data.block_size}[m]
+            if longest is None:
+                raise ValueError("train.max_tokens is for audio and text; vision batches count images "
+                                 "(train.batch_size); set train.max_tokens=null")
+            if self.train.max_tokens < longest:
+                raise ValueError(f"train.max_tokens={self.train.max_tokens} is below one full-length sample "
+                                 f"({longest}: data.max_samples for audio, data.block_size for text)")
         if self.targets.top_k > self.model.trunk.depth:
             raise ValueError(
                 f"targets.top_k={self.targets.top_k} exceeds model.trunk.depth={self.model.trunk.depth}"
@@ -317,6 +464,33 @@ class Config(_Strict):
     @classmethod
     def from_yaml(cls, text: str) -> "Config":
         return cls.model_validate(yaml.safe_load(text))
+
+
+_MASKS = {
+    "v1": {"vision": ("block",), "audio": ("span",), "text": ("bert", "span")},
+    "v2": {"vision": ("inverse_block",), "audio": ("frame_block",), "text": ("random",)},
+}
+
+
+def _check_v2(cfg: Config) -> None:
+    """Combinations data2vec 2.0 cannot run; each message names the field."""
+    if cfg.v2 is None:
+        raise ValueError("version='v2' needs a v2 section (clone_batch, decoder, ...); start from get_preset(..., version='v2')")
+    mod, dec = cfg.model, cfg.v2.decoder
+    if mod.trunk.rel_pos_bias:
+        raise ValueError("model.trunk.rel_pos_bias is not supported with version='v2' (masked patches are dropped); "
+                         "use model.frontend.pos_embed='sincos'")
+    if mod.trunk.dim % dec.groups:
+        raise ValueError(f"v2.decoder.groups={dec.groups} does not divide model.trunk.dim={mod.trunk.dim}")
+    is_image = isinstance(mod.frontend, ImageFrontendConfig)
+    if dec.dims == 2 and not is_image:
+        raise ValueError("v2.decoder.dims=2 needs a 2-D patch grid (model.modality='vision')")
+    if cfg.v2.cls_loss > 0 and not is_image:
+        raise ValueError(f"v2.cls_loss={cfg.v2.cls_loss} needs a CLS token (vision); set it to 0")
+    if isinstance(cfg.masking, InverseBlockMaskConfig):
+        n = mod.frontend.grid ** 2  # type: ignore[union-attr]
+        if int(n * (1 - cfg.masking.mask_prob)) < 1:
+            raise ValueError(f"masking.mask_prob={cfg.masking.mask_prob} keeps no patch of {n}; lower it")
 
 
 class ConfigError(ValueError):

@@ -9,13 +9,16 @@ The EMA update and everything distributed live in the training loop (workers/), 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
 from .config import Config, ModelConfig
 from .encoder import Encoder
+from .layers import normal_init_
 from .targets import build_targets, regression_loss
 
 
@@ -56,10 +59,11 @@ class Head(nn.Module):
         else:
             h = d * cfg.head.hidden_mult
             self.net = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=cfg.init_std, a=-2 * cfg.init_std, b=2 * cfg.init_std)
-                nn.init.zeros_(m.bias)
+        if cfg.init_outer == "normal":  # BEiT: like the trunk; fairseq: nn.Linear's own init (left as is)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    normal_init_(m.weight, cfg.init_std, cfg.init_trunc)
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -114,11 +118,23 @@ def teacher_targets(
 
 
 def data2vec_loss(
-    student: nn.Module, teacher: Encoder, cfg: Config, batch: Batch
+    student: nn.Module,
+    teacher: Encoder,
+    cfg: Config,
+    batch: Batch,
+    *,
+    student_precision: Callable[[], ContextManager] = nullcontext,
+    teacher_precision: Callable[[], ContextManager] = nullcontext,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One data2vec objective evaluation -> (loss, pred (N, D), target (N, D))."""
-    pred, feats = student(batch.inputs, batch.mask, batch.padding_mask)
-    target = teacher_targets(teacher, cfg, batch, feats)
+    """One data2vec objective evaluation -> (loss, pred (N, D), target (N, D)).
+
+    The student's forward runs under student_precision(), the teacher's under teacher_precision() (e.g.
+    autocast for the student only, as data2vec_vision does); the loss itself is computed in float32.
+    """
+    with student_precision():
+        pred, feats = student(batch.inputs, batch.mask, batch.padding_mask)
+    with teacher_precision():
+        target = teacher_targets(teacher, cfg, batch, feats)
     l = cfg.loss
     loss = regression_loss(pred, target, l.kind, l.beta, l.dim_reduce, l.scale)
     return loss, pred, target

@@ -6,6 +6,9 @@ visible-tokens-only student) compose them differently:
     x, pad = enc.features(inputs, padding_mask)      # local features, before masking   (B, T, D)
     x      = enc.apply_mask(x, mask)                  # masked steps -> mask embedding
     out    = enc.context(x, pad, layer_output="ffn")  # prefix, positions, blocks         EncoderOutput
+
+data2vec 2.0's student runs `enc.context(x, pad, keep=keep)` instead of `apply_mask`: positions are added over
+all steps, then only the kept steps (keep: (B, K) indices) reach the blocks -- masked ones are dropped.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ class Encoder(nn.Module):
         return self.frontend.prefix_len
 
     def reset_parameters(self) -> None:
-        init_trunk_(self, self.cfg.init_std, rescale_depth=self.cfg.trunk.norm_style == "pre")
-        self.frontend.init_weights_(self.cfg.init_std)
+        c = self.cfg
+        init_trunk_(self, c.init_std, rescale_depth=c.trunk.norm_style == "pre", trunc=c.init_trunc)
+        self.frontend.init_weights_(c.init_std, c.init_trunc, c.init_outer)
 
     # ------------------------------------------------------------------ steps
     def features(self, inputs: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -68,9 +72,14 @@ class Encoder(nn.Module):
         x: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
         layer_output: Literal["ffn", "block"] | None = None,
+        keep: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """Local features -> contextualised states; collect per-block outputs when layer_output is set."""
-        x, pad, bias = self.frontend.contextualize(x, padding_mask)  # (B, P+T, D)
+        """Local features -> contextualised states; collect per-block outputs when layer_output is set.
+
+        keep: (B, K) indices of the steps that go on to the blocks (data2vec 2.0); then the output is
+        (B, P+K, D) and its padding mask covers the kept steps. None = all T steps.
+        """
+        x, pad, bias = self.frontend.contextualize(x, padding_mask, keep)  # (B, P+T or P+K, D)
         if pad is not None:
             pb = padding_bias(pad, x.dtype)  # (B, 1, 1, P+T)
             bias = pb if bias is None else bias + pb

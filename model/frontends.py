@@ -6,18 +6,19 @@ come after masking but before the trunk: a prefix (CLS) and the positional encod
     x, pad = frontend.features(inputs, padding_mask)     # (B, T, D), (B, T) or None
     x      = masked positions replaced by the mask embedding (if the front end has one)
     x, pad, bias = frontend.contextualize(x, pad)        # add prefix / positions; bias for attention
+
+data2vec 2.0 passes `keep` (B, K) to `contextualize`: positions are added over all T steps first, then only
+the kept steps (and the matching rows/columns of the attention bias) go on to the prefix and the trunk.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import AudioFrontendConfig, ImageFrontendConfig, ModelConfig, TextFrontendConfig
-from .layers import RelativePositionBias
+from .layers import ALiBi, RelativePositionBias, gather_bias, gather_steps, normal_init_
 
 
 class ImageFrontend(nn.Module):
@@ -32,6 +33,8 @@ class ImageFrontend(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.mask_emb = nn.Parameter(torch.zeros(dim))
         self.rel_pos = RelativePositionBias(cfg.grid, heads) if rel_pos_bias else None
+        pos = sincos_2d(cfg.grid, dim)[None] if cfg.pos_embed == "sincos" else None  # (1, N, D), fixed
+        self.register_buffer("pos_embed", pos, persistent=False)
 
     def features(self, pixels: torch.Tensor, padding_mask: torch.Tensor | None = None):
         x = self.patch_embed(pixels)  # (B, D, G, G)
@@ -42,18 +45,24 @@ class ImageFrontend(nn.Module):
             )
         return x.flatten(2).transpose(1, 2), None  # (B, N, D)
 
-    def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None):
+    def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep: torch.Tensor | None = None):
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)  # (B, N, D), before any patch is dropped
+        if keep is not None:
+            if self.rel_pos is not None:
+                raise ValueError("the relative position bias needs every patch; it cannot run on kept patches only")
+            x = gather_steps(x, keep)  # (B, K, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1+N, D)
         bias = self.rel_pos() if self.rel_pos is not None else None  # (1, H, 1+N, 1+N)
         return x, None, bias
 
-    def init_weights_(self, std: float) -> None:
+    def init_weights_(self, std: float, trunc: float | None = None, outer: str = "normal") -> None:
         w = self.patch_embed.weight
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=std, a=-2 * std, b=2 * std)
+        normal_init_(w.view(w.shape[0], -1), std, trunc)
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.trunc_normal_(self.cls_token, std=std, a=-2 * std, b=2 * std)
-        nn.init.trunc_normal_(self.mask_emb, std=std, a=-2 * std, b=2 * std)
+        normal_init_(self.cls_token, std, trunc)
+        normal_init_(self.mask_emb, std, trunc)
 
 
 class _ConvLayer(nn.Module):
@@ -98,7 +107,7 @@ class AudioFrontend(nn.Module):
 
     prefix_len = 0
 
-    def __init__(self, cfg: AudioFrontendConfig, dim: int, ln_eps: float) -> None:
+    def __init__(self, cfg: AudioFrontendConfig, dim: int, ln_eps: float, heads: int = 1) -> None:
         super().__init__()
         self.cfg = cfg
         layers, c_in = [], 1
@@ -113,6 +122,7 @@ class AudioFrontend(nn.Module):
         self.pos_conv = nn.ModuleList(
             [_PosConvLayer(dim, cfg.pos_conv_kernel, cfg.pos_conv_groups) for _ in range(cfg.pos_conv_depth)]
         )
+        self.alibi = ALiBi(heads) if cfg.alibi else None
 
     def features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None):
         x = wav[:, None, :]  # (B, 1, S)
@@ -127,21 +137,29 @@ class AudioFrontend(nn.Module):
                 pad = None
         return x, pad
 
-    def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None):
+    def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep: torch.Tensor | None = None):
         if padding_mask is not None:
             x = x.masked_fill(padding_mask[..., None], 0.0)
         p = x.transpose(1, 2)  # (B, D, T)
         for layer in self.pos_conv:
             p = layer(p)
-        return x + p.transpose(1, 2), padding_mask, None
+        x = x + p.transpose(1, 2)  # positions from the whole sequence, before any step is dropped
+        bias = self.alibi(x.shape[1]) if self.alibi is not None else None  # (1, H, T, T)
+        if keep is not None:
+            x = gather_steps(x, keep)  # (B, K, D)
+            padding_mask = _kept_padding(padding_mask, keep)
+            bias = gather_bias(bias, keep) if bias is not None else None  # (B, H, K, K)
+        return x, padding_mask, bias
 
-    def init_weights_(self, std: float) -> None:
-        for layer in self.conv:
+    def init_weights_(self, std: float, trunc: float | None = None, outer: str = "normal") -> None:
+        for layer in self.conv:  # wav2vec 2.0 ConvFeatureExtractionModel
             nn.init.kaiming_normal_(layer.conv.weight)
         for layer in self.pos_conv:
-            k, d = layer.conv.kernel_size[0], layer.dim
-            nn.init.normal_(layer.conv.weight, mean=0.0, std=math.sqrt(4.0 / (k * d)))
-            nn.init.zeros_(layer.conv.bias)
+            # fairseq's pos_conv_depth > 1 stack (data2vec v1) leaves nn.Conv1d's own init; the
+            # normal(0, sqrt(4 / (k D))) + weight norm of make_conv_pos is the depth-1 (wav2vec 2.0) variant
+            layer.conv.reset_parameters()
+        if outer == "torch":  # fairseq's post_extract_proj sits outside the init_bert_params'd encoder
+            self.proj.reset_parameters()
         nn.init.uniform_(self.mask_emb)
 
 
@@ -177,11 +195,13 @@ class TextFrontend(nn.Module):
         pad = ids.eq(self.cfg.pad_id)
         return self.drop(self.norm(x)), (pad if pad.any() else None)
 
-    def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None):
+    def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep: torch.Tensor | None = None):
+        if keep is not None:  # positions were added in `features`
+            x, padding_mask = gather_steps(x, keep), _kept_padding(padding_mask, keep)
         return x, padding_mask, None
 
-    def init_weights_(self, std: float) -> None:
-        for emb in (self.tokens, self.positions):
+    def init_weights_(self, std: float, trunc: float | None = None, outer: str = "normal") -> None:
+        for emb in (self.tokens, self.positions):  # init_bert_params: untruncated normal, zero pad row
             nn.init.normal_(emb.weight, std=std)
             with torch.no_grad():
                 emb.weight[self.cfg.pad_id].zero_()
@@ -192,5 +212,29 @@ def build_frontend(cfg: ModelConfig) -> nn.Module:
     if isinstance(f, ImageFrontendConfig):
         return ImageFrontend(f, t.dim, t.heads, t.rel_pos_bias)
     if isinstance(f, AudioFrontendConfig):
-        return AudioFrontend(f, t.dim, t.ln_eps)
+        return AudioFrontend(f, t.dim, t.ln_eps, t.heads)
     return TextFrontend(f, t.dim, t.ln_eps, t.dropout)
+
+
+def _kept_padding(padding_mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    if padding_mask is None:
+        return None
+    pad = gather_steps(padding_mask, keep)  # (B, K)
+    return pad if pad.any() else None
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos positions of a grid x grid patch grid (row-major) -> (grid^2, dim).
+
+    MAE's `get_2d_sincos_pos_embed` layout, which data2vec 2.0 uses: [sin(col w), cos(col w), sin(row w),
+    cos(row w)] with w_i = 1 / 10000^(i / (dim / 4)), i < dim / 4.
+    """
+    if dim % 4:
+        raise ValueError(f"model.trunk.dim={dim} must be divisible by 4 for 2-D sin-cos positions")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angle = coord[:, None] * omega[None]  # (N, D/4)
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()  # (N, D)

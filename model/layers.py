@@ -155,11 +155,20 @@ def padding_bias(padding_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     return bias[:, None, None, :]
 
 
-def init_trunk_(module: nn.Module, std: float, rescale_depth: bool) -> None:
-    """Truncated-normal init of linear layers, unit LayerNorms; BEiT's depth rescaling for pre-LN trunks."""
+def normal_init_(t: torch.Tensor, std: float, trunc: float | None) -> None:
+    """normal(0, std), cut at +-trunc x std when trunc is set (BEiT: 1.0), else untruncated (fairseq)."""
+    if trunc is None:
+        nn.init.normal_(t, mean=0.0, std=std)
+    else:
+        nn.init.trunc_normal_(t, mean=0.0, std=std, a=-trunc * std, b=trunc * std)
+
+
+def init_trunk_(module: nn.Module, std: float, rescale_depth: bool, trunc: float | None = None) -> None:
+    """normal(0, std) init of linear layers (truncated at +-trunc std if set), unit LayerNorms; BEiT's
+    depth rescaling for pre-LN trunks."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            normal_init_(m.weight, std, trunc)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
@@ -170,3 +179,48 @@ def init_trunk_(module: nn.Module, std: float, rescale_depth: bool) -> None:
         for i, b in enumerate(blocks):
             b.attn.proj.weight.data.div_(math.sqrt(2.0 * (i + 1)))
             b.mlp.fc2.weight.data.div_(math.sqrt(2.0 * (i + 1)))
+
+
+# ---------------------------------------------------------------------- data2vec 2.0: kept tokens, ALiBi
+def gather_steps(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The kept steps of x, in the order of `keep`: x (B, T, ...), keep (B, K) long -> (B, K, ...)."""
+    idx = keep.view(*keep.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def gather_bias(bias: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows and columns of the kept steps of an attention bias: (1 or B, H, T, T), keep (B, K) -> (B, H, K, K)."""
+    B, K = keep.shape
+    bias = bias.expand(B, -1, -1, -1)
+    H, T = bias.shape[1], bias.shape[-1]
+    rows = torch.gather(bias, 2, keep[:, None, :, None].expand(B, H, K, T))  # (B, H, K, T)
+    return torch.gather(rows, 3, keep[:, None, None, :].expand(B, H, K, K))  # (B, H, K, K)
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi head slopes (Press et al. 2022): geometric from 2^(-8/n); non-powers of 2 interleave the next power."""
+
+    def pow2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(heads).is_integer():
+        return torch.tensor(pow2(heads))
+    closest = 2 ** math.floor(math.log2(heads))
+    return torch.tensor(pow2(closest) + pow2(2 * closest)[0::2][: heads - closest])
+
+
+class ALiBi(nn.Module):
+    """Symmetric ALiBi bias -|i - j| x slope_h, times a learned per-head scale clamped at 0 (data2vec 2.0
+    speech: fairseq `use_alibi_encoder`, `learned_alibi_scale_per_head`), one bias shared by all blocks."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(heads), persistent=False)  # (H,)
+        self.scale = nn.Parameter(torch.ones(heads))  # (H,), init 1.0 as the reference's alibi_scale
+
+    def forward(self, length: int) -> torch.Tensor:
+        pos = torch.arange(length, device=self.slopes.device)
+        dist = -(pos[None, :] - pos[:, None]).abs().float()  # (T, T)
+        slope = self.slopes * self.scale.clamp_min(0)  # (H,)
+        return slope[None, :, None, None] * dist  # (1, H, T, T)

@@ -153,9 +153,61 @@ def span_mask_batch(
 
 
 # ---------------------------------------------------------------------------------------------- text
+def mlm_mask(
+    ids: torch.Tensor,
+    mask_id: int,
+    mask_prob: float,
+    span_length: int = 1,
+    min_spans: int = 0,
+    leave_unmasked: float = 0.0,
+    random_token: float = 0.0,
+    random_ids: tuple[int, int] = (0, 1),
+    *,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM input noising of fairseq MaskTokensDataset (data2vec text, mask_multiple_length spans).
+
+    ids: [T] one sample, <s> and </s> included (they can be masked, as in the reference).
+    num_spans = int(mask_prob * T / span_length + U[0,1)) (at least min_spans, at most T); starts drawn
+    uniformly without replacement from all T positions; each span covers start .. start+span_length-1,
+    cut at the end of the sequence. Of the chosen positions, each independently stays unchanged with
+    probability leave_unmasked, becomes a random id in [random_ids[0], random_ids[1]) with probability
+    random_token, else <mask>.
+
+    Returns (new_ids [T], target_mask [T] bool): target_mask = the positions that became <mask>, the only
+    loss positions (data2vec_text.py regresses where src_tokens == <mask>, not at random/unchanged ones).
+    """
+    if leave_unmasked + random_token > 1:
+        raise ValueError("leave_unmasked + random_token must be <= 1")
+    T = len(ids)
+    num = int(mask_prob * T / span_length + _uniform(generator)[0])
+    num = min(max(num, min_spans), T)
+    starts = torch.randperm(T, generator=generator)[:num]  # [S]
+    idx = (starts[:, None] + torch.arange(span_length)[None, :]).flatten()  # [S * span]
+    chosen = torch.zeros(T, dtype=torch.bool)  # [T]
+    chosen[idx[idx < T]] = True
+    to_mask, to_random = chosen, torch.zeros_like(chosen)
+    p_other = leave_unmasked + random_token
+    if p_other > 0:
+        other = chosen & (torch.rand(T, generator=generator, dtype=torch.float64) < p_other)  # [T]
+        if random_token == 0:
+            unchanged = other
+        elif leave_unmasked == 0:
+            unchanged, to_random = torch.zeros_like(other), other
+        else:
+            keep = torch.rand(T, generator=generator, dtype=torch.float64) < leave_unmasked / p_other  # [T]
+            unchanged, to_random = other & keep, other & ~keep
+        to_mask = chosen & ~unchanged & ~to_random
+    new_ids = ids.masked_fill(to_mask, mask_id)  # [T]
+    n_rand = int(to_random.sum())
+    if n_rand:
+        draws = torch.randint(random_ids[0], random_ids[1], (n_rand,), generator=generator)
+        new_ids[to_random] = draws.to(ids.dtype)
+    return new_ids, to_mask
+
+
 def bert_mask(
     ids: torch.Tensor,
-    special: torch.Tensor,
     mask_id: int,
     vocab_size: int,
     num_special: int,
@@ -165,59 +217,31 @@ def bert_mask(
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking (the data2vec paper's text setting).
+    """BERT masking (the data2vec paper's text setting) as fairseq MaskTokensDataset with span 1.
 
-    ids: [T] token ids; special: [T] bool, True for tokens that are never chosen (<s>, </s>, <pad>).
-    Chooses round(mask_prob * #non-special) non-special positions (half rounds up; at least 1 when there
-    is any non-special token), uniformly without replacement. Each chosen position independently becomes
-    mask_id with probability replace_mask, a random id in [num_special, vocab_size) with probability
-    replace_random (it may equal the original id, as in BERT), and stays unchanged otherwise. To keep
-    <mask> out of the random draws, pass a vocab_size that excludes it (fairseq puts <mask> last).
-
-    Returns (new_ids [T], target_mask [T] bool). target_mask marks ALL chosen positions, BERT style: the
-    loss is taken at every chosen position, including the random and unchanged ones.
+    ids: [T] one sample. int(mask_prob * T + U) positions chosen over all T (specials included); of those
+    replace_mask become <mask>, replace_random a random id in [num_special, vocab_size) (keep <mask>,
+    and the other specials, out of that range; it may equal the original id, as in BERT), the rest stay.
+    Returns (new_ids [T], target_mask [T]) with target_mask = the <mask> positions only (data2vec_text.py).
     """
     if replace_mask + replace_random > 1:
         raise ValueError("replace_mask + replace_random must be <= 1")
-    candidates = (~special).nonzero().squeeze(1)  # [C]
-    num = int(math.floor(mask_prob * len(candidates) + 0.5))
-    num = max(num, 1) if len(candidates) > 0 else 0
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:num]]  # [num]
-    target_mask = torch.zeros_like(special, dtype=torch.bool)  # [T]
-    target_mask[chosen] = True
-
-    u = torch.rand(num, generator=generator)  # [num]
-    to_mask = chosen[u < replace_mask]
-    to_random = chosen[(u >= replace_mask) & (u < replace_mask + replace_random)]
-    new_ids = ids.clone()  # [T]
-    new_ids[to_mask] = mask_id
-    random_ids = torch.randint(num_special, vocab_size, (len(to_random),), generator=generator)
-    new_ids[to_random] = random_ids.to(ids.dtype)
-    return new_ids, target_mask
+    return mlm_mask(ids, mask_id, mask_prob, 1, 0, 1.0 - replace_mask - replace_random, replace_random,
+                    (num_special, vocab_size), generator=generator)
 
 
 def text_span_mask(
     ids: torch.Tensor,
-    special: torch.Tensor,
     mask_id: int,
     mask_prob: float = 0.35,
     span_length: int = 4,
+    min_spans: int = 0,
     *,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Span masking for text (fairseq data2vec_text code default: mask_prob .35, span 4, all -> <mask>).
+    """Span masking for text (fairseq data2vec_text code: mask_prob .35, mask_multiple_length 4, every
+    chosen position -> <mask>): `mlm_mask` without random or unchanged replacements.
 
-    ids: [T] token ids; special: [T] bool, never masked. `span_mask` runs over the whole sequence
-    (min 1 span), special positions are then cleared; if that leaves nothing masked while some token is
-    non-special, one uniformly chosen non-special position is masked. Every chosen position becomes
-    mask_id (no random / unchanged replacements).
-
-    Returns (new_ids [T], target_mask [T] bool = the chosen positions).
+    Returns (new_ids [T], target_mask [T] bool = the masked positions; may be empty for a short sample).
     """
-    target_mask = span_mask(len(ids), mask_prob, span_length, 1, generator=generator) & ~special  # [T]
-    if not target_mask.any() and not special.all():
-        candidates = (~special).nonzero().squeeze(1)  # [C]
-        pick = torch.randint(len(candidates), (1,), generator=generator)
-        target_mask[candidates[pick]] = True
-    new_ids = ids.masked_fill(target_mask, mask_id)  # [T]
-    return new_ids, target_mask
+    return mlm_mask(ids, mask_id, mask_prob, span_length, min_spans, generator=generator)

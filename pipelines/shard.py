@@ -1,12 +1,17 @@
 """`d2v shard`: raw files → exact-size WebDataset shards + manifest, as a resumable Ray Data job.
 
+Vision and audio go through pipelines/shard_media.py (each input read and decoded once, encoded chunks
+repacked byte-for-byte into shards); the stages below are those of the text flow.
+
 Stages (each a pure function of the sorted input listing, so reruns are byte-identical):
   list      sorted listing of SRC; its fingerprint + options → DST/_plan.json, written before any shard
   validate  Ray Data map_batches over the listing: decode + validate every input, keep METADATA only
-            (text: files are cut into ~8 MiB pieces at blank lines; tokens are counted per piece)
+            (text: files are cut into ~8 MiB pieces at blank lines; tokens and blocks are counted per
+            piece: fairseq sample_break_mode complete_doc, blocks never span two documents)
   plan      driver: good inputs in sorted order → shard i holds samples [i*N, (i+1)*N)
   write     one Ray task per shard: re-read + encode its inputs, tar → `<name>.tmp` → rename into place;
-            shards already in place are skipped (their tar index is read back for the manifest)
+            shards already in place are skipped (their tar index, and for text the blocks' json
+            source/length, are read back for the manifest)
   finish    manifest.parquet, rejects.parquet, stats.json (atomic; identical files are left untouched)
 
 Memory: the driver holds per-input metadata only (Arrow, tens of bytes per input); payloads never leave
@@ -39,17 +44,18 @@ import ray.data
 
 from pipelines import fs
 from pipelines import manifest as mf
-from pipelines.decode import (AUDIO_EXTS, MAX_IMAGE_PIXELS, TEXT_EXTS, Reject, decode_audio, decode_image,
-                              iter_pieces, text_documents)
+from pipelines.decode import AUDIO_EXTS, MAX_IMAGE_PIXELS, TEXT_EXTS, Reject, iter_pieces, text_documents
 from pipelines.manifest import ShardJobError
-from pipelines.tokenizer import encode_documents, load_tokenizer, train_bpe
+from pipelines.shard_media import shard_media  # vision/audio: one decode per input
+from pipelines.tokenizer import EOS_ID, load_tokenizer, train_bpe
 
 Modality = Literal["vision", "audio", "text"]
-MIN_TAIL_TOKENS = 16  # the last partial text block is kept only if it has at least this many tokens
+BREAK_MODE = "complete_doc"  # text blocks: fairseq TokenBlockDataset break mode (data2vec text base.yaml)
 PIECE_BYTES = 8 << 20  # text files are validated/encoded in pieces of about this size
 ROWS_PER_TASK = {"vision": 16, "audio": 8, "text": 4, "pieces": 8}  # inputs per validate task
 
-_COUNT_SCHEMA = pa.schema([("idx", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64())])
+_COUNT_SCHEMA = pa.schema([("idx", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64()),
+                           ("blocks", pa.int64()), ("dropped", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,7 @@ def run_shard(modality: Modality, input: str, output: str, *, samples_per_shard:
             stage1, job = _stage1_text(job, inputs, list_rejects, plan["fingerprint"], log)
             result = _shard_text(job, stage1, log)
         else:
-            stage1 = _stage1_media(job, inputs, sidecars, list_rejects, plan["fingerprint"], log)
-            result = _shard_media(job, stage1, log)
+            stage1, result = shard_media(job, inputs, sidecars, list_rejects, plan["fingerprint"], log, overwrite)
     return _finish(job, plan, output, stage1, result, len(inputs), len(sidecars), time.monotonic() - t_start, log)
 
 
@@ -128,7 +133,7 @@ def _options(modality, spp, block_size, vocab_size, max_side, max_pixels, min_s,
         return {"samples_per_shard": spp, "image_max_side": max_side, "max_image_pixels": max_pixels}
     if modality == "audio":
         return {"samples_per_shard": spp, "min_seconds": min_s, "max_seconds": max_s}
-    return {"samples_per_shard": spp, "block_size": block_size, "min_tail_tokens": MIN_TAIL_TOKENS,
+    return {"samples_per_shard": spp, "block_size": block_size, "break_mode": BREAK_MODE,
             "vocab_size": None if tok_json else vocab_size,
             "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest() if tok_json else None}
 
@@ -259,116 +264,7 @@ def _list_rejects(inputs, list_rejects) -> pa.Table:
                  stage=[s for _, s, _ in list_rejects], reason=[m for _, _, m in list_rejects])
 
 
-# ---------------------------------------------------------------- vision / audio
-
-def _stage1_media(job, inputs, sidecars, list_rejects, fingerprint, log) -> pa.Table:
-    if (cached := mf.load_stage1(job.dst_fs, job.dst, fingerprint)) is not None:
-        log("validation results reused from a previous run")
-        return cached
-    rejected = {r for r, _, _ in list_rejects}
-    trans = _transcript_files(sidecars)
-    todo = [(i, e.rel) for i, e in enumerate(inputs) if e.rel not in rejected]
-    rows = pa.table({"idx": [i for i, _ in todo], "rel": [r for _, r in todo],
-                     "trans": [trans.get(posixpath.dirname(r)) for _, r in todo]},
-                    schema=pa.schema([("idx", pa.int64()), ("rel", pa.string()), ("trans", pa.list_(pa.string()))]))
-    done = _map(_validate_media, rows, job, ROWS_PER_TASK[job.modality], "validate", log)
-    table = pa.concat_tables([done, _list_rejects(inputs, list_rejects)]).sort_by("idx")
-    mf.save_stage1(job.dst_fs, job.dst, table, fingerprint)
-    return table
-
-
-def _transcript_files(sidecars) -> dict[str, list[str]]:
-    """Folder → its LibriSpeech `*.trans.txt` files."""
-    out: dict[str, list[str]] = {}
-    for e in sidecars:
-        out.setdefault(posixpath.dirname(e.rel), []).append(e.rel)
-    return out
-
-
-def _decode_media(job: Job, rel: str, data: bytes):
-    o = job.options
-    if job.modality == "vision":
-        return decode_image(data, max_side=o["image_max_side"], max_pixels=o["max_image_pixels"])
-    ext = posixpath.splitext(rel)[1].lower()
-    return decode_audio(data, ext, min_seconds=o["min_seconds"], max_seconds=o["max_seconds"])
-
-
-def _label(job: Job, rel: str, trans: list[str] | None, cache: dict) -> tuple[str | None, dict]:
-    """vision: the class folder (ImageNet `<class>/<file>`); audio: LibriSpeech transcript + speaker."""
-    if job.modality == "vision":
-        parent = posixpath.basename(posixpath.dirname(rel))
-        return (parent or None), {}
-    stem = posixpath.splitext(posixpath.basename(rel))[0]
-    parts = stem.split("-")
-    speaker = parts[0] if len(parts) == 3 and all(p.isdigit() for p in parts) else None
-    for t in trans or []:
-        if t not in cache:
-            try:
-                lines = fs.read_bytes(job.src_fs, job.src(t)).decode("utf-8", errors="replace").splitlines()
-                cache[t] = dict(line.strip().split(" ", 1) for line in lines if " " in line.strip())
-            except OSError:
-                cache[t] = {}
-        if stem in cache[t]:
-            return cache[t][stem], {"speaker": speaker}
-    return None, {"speaker": speaker}
-
-
-def _validate_media(batch: pa.Table, job: Job) -> pa.Table:
-    out: dict[str, list] = {k: [] for k in ("idx", "source", "stage", "reason", "ext", "length", "label", "meta")}
-    cache: dict = {}
-    for idx, rel, trans in zip(*(batch.column(c).to_pylist() for c in ("idx", "rel", "trans"))):
-        ext = length = label = meta = stage = reason = None
-        try:
-            sample = _decode_media(job, rel, fs.read_bytes(job.src_fs, job.src(rel)))
-            label, extra = _label(job, rel, trans, cache)
-            ext, length, meta = sample.ext, sample.length, json.dumps({**sample.meta, **extra}, sort_keys=True)
-        except Reject as r:
-            stage, reason = r.stage, r.reason
-        except OSError as e:
-            stage, reason = "read", f"cannot read: {e}"
-        except Exception as e:  # a decoder bug must not crash the job or pass the input silently
-            stage, reason = "decode", f"unexpected {type(e).__name__}: {e}"
-        for k, v in zip(out, (idx, rel, stage, reason, ext, length, label, meta)):
-            out[k].append(v)
-    return mf.stage1_rows(**out)
-
-
-def _shard_media(job: Job, stage1: pa.Table, log) -> dict:
-    keys = dict(zip(stage1.column("source").to_pylist(), mf.sample_keys(stage1.column("source").to_pylist())))
-    good = stage1.filter(pc.is_null(stage1.column("reason")))
-    spp = job.options["samples_per_shard"]
-    cols = {c: good.column(c).to_pylist() for c in ("source", "ext", "length", "label", "meta")}
-    samples = [(keys[s], s, e, n, lab, m) for s, e, n, lab, m in zip(*cols.values())]
-    specs = [(i // spp, job, samples[i:i + spp]) for i in range(0, len(samples), spp)]
-    results = _run_shard_tasks(_media_shard_task, specs, log, len(samples), stage1.num_rows - good.num_rows)
-    rows = []
-    for index, _, chunk in specs:
-        name = mf.shard_name(job.modality, index)
-        for (key, src, _, n, lab, _), size in zip(chunk, results[index]["sizes"]):
-            rows.append((key, name, src, size, n, lab))
-    return {"manifest": rows, "results": results, "extra_rejects": []}
-
-
-def _media_shard_task(index: int, job: Job, samples: list[tuple]) -> dict:
-    path = posixpath.join(job.dst, mf.shard_name(job.modality, index))
-    members = [f"{key}.{x}" for key, _, ext, *_ in samples for x in (ext, "json")]
-    if (sizes := mf.existing_shard(job.dst_fs, path, members)) is not None:
-        return {"index": index, "sizes": sizes, "skipped": True}
-
-    def encoded():
-        for key, rel, ext, length, label, meta in samples:
-            meta = json.loads(meta)
-            try:
-                s = _decode_media(job, rel, fs.read_bytes(job.src_fs, job.src(rel)))
-                now = {"ext": s.ext, "length": s.length, **s.meta}
-            except (Reject, OSError) as e:
-                s, now = None, {"error": str(e)}
-            if now != {"ext": ext, "length": length, **{k: meta[k] for k in meta if k != "speaker"}}:
-                raise ShardJobError(f"{job.src(rel)} decodes to {now}, not what validation saw; it changed "
-                                    "while the job ran. Re-run with --overwrite.")
-            yield key, ext, s.encode(), {"source": rel, "label": label, "length": length, **meta}
-
-    return {"index": index, "sizes": mf.write_shard(job.dst_fs, path, encoded()), "skipped": False}
+# ---------------------------------------------------------------- vision / audio: pipelines/shard_media.py
 
 
 # ---------------------------------------------------------------- text
@@ -405,27 +301,73 @@ def _stage1_text(job, inputs, list_rejects, fingerprint, log) -> tuple[pa.Table,
 
 
 def _pieces(table: pa.Table) -> dict[str, np.ndarray]:
-    """Flatten good files' pieces in stream order: idx, k (piece number), rel, start, end, tokens."""
+    """Flatten good files' pieces in stream order: idx, k (piece number), rel, start, end, tokens, and
+    (once counted) blocks and dropped tokens per piece (kept in the file's `meta` JSON)."""
     starts = table.column("piece_start").combine_chunks()
     parent = pc.list_parent_indices(starts).to_numpy()
     counts = pc.list_value_length(starts).to_numpy()
     k = np.concatenate([np.arange(c) for c in counts]) if len(counts) else np.zeros(0, np.int64)
     tokens = table.column("piece_tokens").combine_chunks()
+    metas = [json.loads(m) if m else {} for m in table.column("meta").to_pylist()]
+    counted = all("piece_blocks" in m for m in metas)
+    per_piece = (lambda key: np.asarray([v for m in metas for v in m[key]], np.int64)) if counted else None
     return {"idx": table.column("idx").to_numpy()[parent], "k": k,
             "rel": np.asarray(table.column("source").to_pylist(), dtype=object)[parent],
             "start": pc.list_flatten(starts).to_numpy(),
             "end": pc.list_flatten(table.column("piece_end").combine_chunks()).to_numpy(),
-            "tokens": pc.list_flatten(tokens).to_numpy(zero_copy_only=False) if tokens.null_count == 0 else None}
+            "tokens": pc.list_flatten(tokens).to_numpy(zero_copy_only=False) if tokens.null_count == 0 else None,
+            "blocks": per_piece("piece_blocks") if per_piece else None,
+            "dropped": per_piece("piece_dropped") if per_piece else None}
 
 
 def _with_tokens(table: pa.Table, counted: pa.Table) -> pa.Table:
-    """Attach per-piece token counts (sorted by idx, k) as the `piece_tokens` list column."""
+    """Attach per-piece counts (sorted by idx, k): tokens as the `piece_tokens` list column, blocks and
+    dropped tokens as `piece_blocks` / `piece_dropped` lists in each good file's `meta` JSON."""
     lengths = pc.fill_null(pc.list_value_length(table.column("piece_start").combine_chunks()), 0).to_numpy()
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     values = counted.column("tokens").combine_chunks()
     rejected = pc.is_valid(table.column("reason")).combine_chunks()
     arr = pa.ListArray.from_arrays(pa.array(offsets), values, mask=rejected)
+    blocks, dropped = (counted.column(c).to_numpy() for c in ("blocks", "dropped"))
+    metas = []
+    for i, m in enumerate(table.column("meta").to_pylist()):
+        if m is not None:
+            a, b = offsets[i], offsets[i + 1]
+            m = json.dumps({**json.loads(m), "piece_blocks": blocks[a:b].tolist(),
+                            "piece_dropped": dropped[a:b].tolist()})
+        metas.append(m)
+    table = table.set_column(table.schema.get_field_index("meta"), "meta", pa.array(metas, pa.string()))
     return table.set_column(table.schema.get_field_index("piece_tokens"), "piece_tokens", arr)
+
+
+def _doc_tokens(tok, docs: list[str]) -> list[np.ndarray]:
+    """Documents -> per document its tokens then </s> (int32), as pipelines.tokenizer.encode_documents."""
+    encs = tok.encode_batch(list(docs), add_special_tokens=False)
+    return [np.asarray(e.ids + [EOS_ID], dtype=np.int32) for e in encs]
+
+
+def _doc_blocks(doc: np.ndarray, size: int) -> list[np.ndarray]:
+    """complete_doc: one document's tokens (ending in </s>) -> consecutive blocks of at most `size` tokens,
+    never mixed with another document. A long document is cut at token boundaries (fairseq cuts between
+    its sentences; ours carry none); a last piece that would hold only the </s> is dropped (fairseq keeps
+    blocks of more than one token)."""
+    blocks = [doc[i:i + size] for i in range(0, len(doc), size)]
+    return blocks[:-1] if len(blocks) > 1 and len(blocks[-1]) < 2 else blocks
+
+
+def _count_docs(docs: list[np.ndarray], size: int) -> tuple[int, int, int]:
+    """(tokens, blocks, dropped tokens) of these documents under _doc_blocks, without building blocks."""
+    tokens = blocks = dropped = 0
+    for d in docs:
+        n, full = len(d), -(-len(d) // size)
+        lone = full > 1 and n - (full - 1) * size < 2
+        tokens, blocks, dropped = tokens + n, blocks + full - lone, dropped + lone
+    return tokens, blocks, dropped
+
+
+def _block_room(job: Job) -> int:
+    """Tokens per stored block: block_size - 1, the loader prepends <s> (fairseq tokens_per_sample - 1)."""
+    return max(1, job.options["block_size"] - 1)
 
 
 def _read_pieces(job: Job, rel: str):
@@ -434,25 +376,28 @@ def _read_pieces(job: Job, rel: str):
 
 
 def _validate_text(batch: pa.Table, job: Job) -> pa.Table:
-    """Per file: UTF-8 + normalisation check, piece boundaries, token counts (when a tokenizer is known)."""
+    """Per file: UTF-8 + normalisation check, piece boundaries, token and block counts (tokenizer known)."""
     tok = load_tokenizer(job.tokenizer_json) if job.tokenizer_json else None
     names = ("idx", "source", "stage", "reason", "length", "meta", "piece_start", "piece_end", "piece_tokens")
     out: dict[str, list] = {k: [] for k in names}
     for idx, rel in zip(batch.column("idx").to_pylist(), batch.column("rel").to_pylist()):
-        starts, ends, tokens, docs, nbytes = [], [], [], 0, 0
+        starts, ends, counts, docs, nbytes = [], [], [], 0, 0
         try:
             for offset, data in _read_pieces(job, rel):
                 nbytes += len(data)
                 if d := text_documents(data, offset=offset):
                     starts.append(offset)
                     ends.append(offset + len(data))
-                    tokens.append(len(encode_documents(tok, d)) if tok else None)
+                    counts.append(_count_docs(_doc_tokens(tok, d), _block_room(job)) if tok else None)
                     docs += len(d)
             if not starts:
                 raise Reject("no text left after normalisation (only whitespace/control characters)"
                              if nbytes else "empty file (0 bytes)", "validate" if nbytes else "read")
-            row = (None, None, sum(tokens) if tok else None, json.dumps({"documents": docs}),
-                   starts, ends, tokens if tok else None)
+            meta = {"documents": docs}
+            if tok:
+                meta.update(piece_blocks=[c[1] for c in counts], piece_dropped=[c[2] for c in counts])
+            tokens = [c[0] for c in counts] if tok else None
+            row = (None, None, sum(tokens) if tok else None, json.dumps(meta), starts, ends, tokens)
         except Reject as r:
             row = (r.stage, r.reason) + (None,) * 5
         except OSError as e:
@@ -478,72 +423,78 @@ def _count_text(batch: pa.Table, job: Job) -> pa.Table:
     counts = []
     for rel, start, end in zip(*(batch.column(c).to_pylist() for c in ("rel", "start", "end"))):
         docs = text_documents(fs.read_range(job.src_fs, job.src(rel), start, end), offset=start)
-        counts.append(len(encode_documents(tok, docs)))
-    return pa.table([batch.column("idx"), batch.column("k"), pa.array(counts, pa.int64())], schema=_COUNT_SCHEMA)
+        counts.append(_count_docs(_doc_tokens(tok, docs), _block_room(job)))
+    cols = [pa.array([c[i] for c in counts], pa.int64()) for i in range(3)]
+    return pa.table([batch.column("idx"), batch.column("k"), *cols], schema=_COUNT_SCHEMA)
 
 
 def _shard_text(job: Job, stage1: pa.Table, log) -> dict:
-    """Concatenate every good file's tokens in sorted order, cut blocks of block_size, spp blocks per shard."""
-    B, spp = job.options["block_size"], job.options["samples_per_shard"]
+    """Every good file's documents in sorted order, each cut into blocks of at most block_size - 1 tokens
+    (complete_doc: a block never holds two documents); spp blocks per shard, numbered over the corpus."""
+    B, spp, room = job.options["block_size"], job.options["samples_per_shard"], _block_room(job)
     p = _pieces(stage1.filter(pc.is_null(stage1.column("reason"))))
-    ends = np.cumsum(p["tokens"]) if len(p["start"]) else np.zeros(0, np.int64)
-    offs = ends - p["tokens"] if len(ends) else ends
-    total = int(ends[-1]) if len(ends) else 0
-    tail = total % B
-    kept = total - (tail if tail < MIN_TAIL_TOKENS else 0)
-    n_blocks = -(-kept // B)
-    specs, manifest = [], []
+    n = len(p["start"])
+    bends = np.cumsum(p["blocks"]) if n else np.zeros(0, np.int64)  # block index after each piece
+    boffs = bends - p["blocks"] if n else bends
+    toffs = np.cumsum(p["tokens"]) - p["tokens"] if n else bends  # first token of each piece in the stream
+    n_blocks = int(bends[-1]) if n else 0
+    total, dropped = (int(p["tokens"].sum()), int(p["dropped"].sum())) if n else (0, 0)
+    specs = []
     for index, b0 in enumerate(range(0, n_blocks, spp)):
         b1 = min(b0 + spp, n_blocks)
-        t0, t1 = b0 * B, min(b1 * B, kept)
-        lo, hi = np.searchsorted(ends, t0, "right"), np.searchsorted(offs, t1, "left")
-        chunk = [(p["rel"][i], int(p["start"][i]), int(p["end"][i]), int(offs[i]), int(p["tokens"][i]))
-                 for i in range(lo, hi)]
-        specs.append((index, job, b0, b1, kept, chunk))
-        name = mf.shard_name("text", index)
-        for b in range(b0, b1):
-            first = p["rel"][np.searchsorted(ends, b * B, "right")]
-            manifest.append((f"block-{b:09d}", name, first, None, min(B, kept - b * B), None))
-    used = set(p["rel"][offs < kept]) if len(offs) else set()
-    unused = sorted(set(p["rel"]) - used)
-    extra = [(r, "block", f"all of its tokens fall in the final partial block ({tail} < {MIN_TAIL_TOKENS} "
-                          "tokens), which is dropped") for r in unused]
-    log(f"{total} tokens → {n_blocks} blocks of {B} ({total - kept} tail tokens dropped) in {len(specs)} shards")
-    n_rejects = stage1.num_rows - len(set(p["rel"])) + len(unused)
-    results = _run_shard_tasks(_text_shard_task, specs, log, n_blocks, n_rejects)
-    sizes = [s for i in range(len(specs)) for s in results[i]["sizes"]]
-    manifest = [(k, n, s, size, ln, lab) for (k, n, s, _, ln, lab), size in zip(manifest, sizes)]
-    return {"manifest": manifest, "results": results, "extra_rejects": extra,
-            "text": {"tokens": kept, "dropped_tail_tokens": total - kept, "used_inputs": len(used), "block_size": B}}
+        lo, hi = np.searchsorted(bends, b0, "right"), np.searchsorted(boffs, b1, "left")
+        chunk = [(p["rel"][i], int(p["start"][i]), int(p["end"][i]), int(boffs[i]), int(p["blocks"][i]),
+                  int(toffs[i])) for i in range(lo, hi) if p["blocks"][i]]
+        specs.append((index, job, b0, b1, chunk))
+    log(f"{total} tokens → {n_blocks} blocks of at most {room} tokens + <s> ({BREAK_MODE}; {dropped} lone </s> "
+        f"dropped) in {len(specs)} shards")
+    results = _run_shard_tasks(_text_shard_task, specs, log, n_blocks, stage1.num_rows - len(set(p["rel"])))
+    manifest = []
+    for index in range(len(specs)):
+        r, name = results[index], mf.shard_name("text", index)
+        for b, size, (source, length) in zip(range(index * spp, n_blocks), r["sizes"], r["blocks"]):
+            manifest.append((f"block-{b:09d}", name, source, size, length, None))
+    return {"manifest": manifest, "results": results, "extra_rejects": [],
+            "text": {"tokens": total - dropped, "dropped_tail_tokens": dropped, "used_inputs": len(set(p["rel"])),
+                     "block_size": B}}
 
 
-def _text_shard_task(index: int, job: Job, b0: int, b1: int, kept: int, chunk: list[tuple]) -> dict:
-    B = job.options["block_size"]
+def _text_shard_task(index: int, job: Job, b0: int, b1: int, chunk: list[tuple]) -> dict:
+    """Write blocks [b0, b1); returns payload sizes and (source, length) per block."""
     path = posixpath.join(job.dst, mf.shard_name("text", index))
     members = [f"block-{b:09d}.{x}" for b in range(b0, b1) for x in ("ids.npy", "json")]
     if (sizes := mf.existing_shard(job.dst_fs, path, members)) is not None:
-        return {"index": index, "sizes": sizes, "skipped": True}
-    tok = load_tokenizer(job.tokenizer_json)
-    parts = []
-    for rel, start, end, _, n in chunk:
-        ids = encode_documents(tok, text_documents(fs.read_range(job.src_fs, job.src(rel), start, end), offset=start))
-        if len(ids) != n:
-            raise ShardJobError(f"{job.src(rel)} bytes {start}-{end} now encode to {len(ids)} tokens, not {n}; "
+        return {"index": index, "sizes": sizes, "skipped": True, "blocks": _stored_blocks(job, path)}
+    tok, room = load_tokenizer(job.tokenizer_json), _block_room(job)
+    blocks = []  # (source, token offset in the stream, ids) for every block of the chunk's pieces
+    for rel, start, end, _, n, toff in chunk:
+        docs = _doc_tokens(tok, text_documents(fs.read_range(job.src_fs, job.src(rel), start, end), offset=start))
+        before = len(blocks)
+        for d in docs:
+            blocks += [(rel, toff + i * room, ids) for i, ids in enumerate(_doc_blocks(d, room))]
+            toff += len(d)
+        if len(blocks) - before != n:
+            raise ShardJobError(f"{job.src(rel)} bytes {start}-{end} now give {len(blocks) - before} blocks, not {n}; "
                                 "it changed while the job ran. Re-run with --overwrite.")
-        parts.append(ids)
-    stream, base = np.concatenate(parts), chunk[0][3]
-    piece_ends = np.array([off + n for *_, off, n in chunk])
+    base = chunk[0][3] if chunk else b0
+    mine = blocks[b0 - base:b1 - base]
 
-    def blocks():
-        for b in range(b0, b1):
-            g0, g1 = b * B, min((b + 1) * B, kept)
-            ids = np.ascontiguousarray(stream[g0 - base:g1 - base], dtype="<i4")
-            first, last = np.searchsorted(piece_ends, g0, "right"), np.searchsorted(piece_ends, g1 - 1, "right")
-            sources = list(dict.fromkeys(c[0] for c in chunk[first:last + 1]))
-            meta = {"source": sources[0], "sources": sources, "label": None, "length": len(ids), "offset": g0}
-            yield f"block-{b:09d}", "ids.npy", _npy_bytes(ids), meta
+    def samples():
+        for b, (rel, toff, ids) in zip(range(b0, b1), mine):
+            meta = {"source": rel, "sources": [rel], "label": None, "length": len(ids), "offset": toff}
+            yield f"block-{b:09d}", "ids.npy", _npy_bytes(ids.astype("<i4")), meta
 
-    return {"index": index, "sizes": mf.write_shard(job.dst_fs, path, blocks()), "skipped": False}
+    sizes = mf.write_shard(job.dst_fs, path, samples())
+    return {"index": index, "sizes": sizes, "skipped": False, "blocks": [(r, len(ids)) for r, _, ids in mine]}
+
+
+def _stored_blocks(job: Job, path: str) -> list[tuple[str, int]]:
+    """(source, length) of each block of a shard already in place, from its json members."""
+    import tarfile
+
+    with job.dst_fs.open_input_file(path) as f, tarfile.open(fileobj=f) as tar:
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    return [(m["source"], m["length"]) for m in metas]
 
 
 def _npy_bytes(ids: np.ndarray) -> bytes:

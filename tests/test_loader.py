@@ -147,7 +147,8 @@ def test_text_batch_contract(shards, kind):
     cfg = tiny("text", **({"masking.kind": "bert"} if kind == "bert" else {}))
     batches = take(build_loader(cfg, shards["text"], num_samples=40), 10)
     f = cfg.model.frontend
-    saw_padding = False
+    saw_padding = saw_bos_masked = False
+    bert_changes = 0
     for b in batches:
         assert b.inputs.dtype == b.teacher_inputs.dtype == torch.long
         assert b.inputs.shape == b.teacher_inputs.shape == b.mask.shape and b.inputs.shape[1] <= 128
@@ -157,12 +158,21 @@ def test_text_batch_contract(shards, kind):
         assert (t[:, 0] == f.bos_id).all()
         assert ((t == f.pad_id) == pad).all()
         assert (t[pad] == f.pad_id).all() and (b.inputs[pad] == f.pad_id).all()
-        assert not (b.mask & (t < 5)).any()  # targets never on <s> </s> <pad> or other specials
+        assert not (b.mask & pad).any()
         assert b.mask.any(1).all()
-        assert torch.equal(b.inputs[~b.mask], t[~b.mask])  # only target positions are changed
+        # data2vec_text.py: the loss positions are exactly where the input is <mask>
+        assert torch.equal(b.mask, b.inputs == f.mask_id)
         if kind == "span":
-            assert (b.inputs[b.mask] == f.mask_id).all()
+            assert torch.equal(b.inputs[~b.mask], t[~b.mask])  # nothing but <mask> replacements
+        else:
+            changed = (b.inputs != t) & ~b.mask  # BERT's random replacements: not loss positions
+            assert (b.inputs[changed] >= 5).all()
+            bert_changes += int(changed.sum())
+        saw_bos_masked |= bool(b.mask[:, 0].any())
     assert saw_padding
+    assert kind == "span" or bert_changes > 0
+    # mask_tokens_dataset.py draws span starts over every position, <s> included (p ~ 11/128 per row)
+    assert saw_bos_masked
 
 
 # ------------------------------------------------------------------------------ determinism, resume
@@ -264,3 +274,75 @@ def test_no_usable_data_fails_instead_of_hanging(tmp_path):
     loader = build_loader(tiny("vision", **{"data.num_workers": 0}), [path], num_samples=3)
     with pytest.raises(RuntimeError, match="no usable sample"):
         next(loader)
+
+
+# ---------------------------------------------------------------- fidelity: masks, token budget (issue 9)
+def test_audio_masks_are_equalised_across_the_batch(shards):
+    """base_librispeech.yaml require_same_masks: compute_mask_indices trims every row to the batch minimum."""
+    cfg = tiny("audio", **{"train.batch_size": 6})
+    assert cfg.masking.require_same_masks  # inherited from audio_base, as the reference yaml sets it
+    for b in take(build_loader(cfg, shards["audio"], num_samples=40), 6):
+        assert len(set(b.mask.sum(1).tolist())) == 1
+    off = apply_overrides(cfg, ["masking.require_same_masks=false"])
+    counts = [b.mask.sum(1) for b in take(build_loader(off, shards["audio"], num_samples=40), 6)]
+    assert any(len(set(c.tolist())) > 1 for c in counts)  # without it the rows differ: the knob is live
+
+
+def test_token_budget_cuts_like_fairseq_batch_by_size():
+    """fairseq batch_by_size: a batch is full when (len(batch) + 1) x max(sample_len) would exceed
+    max_tokens; hand-worked on costs 100 300 50 320 320 10 10 700 5 with budget 640."""
+    from workers.loader import _Cutter
+
+    costs = [100, 300, 50, 320, 320, 10, 10, 700, 5]
+    cutter = _Cutter(iter([("u", f"k{i}", b"", c) for i, c in enumerate(costs)]), batch_size=99, max_tokens=640)
+    cuts = []
+    while batch := cutter.take():
+        cuts.append([r[3] for r in batch])
+    # [100, 300] + 50 -> 3 x 300 = 900 > 640;  [50, 320] + 320 -> 960;  [320, 10] + 10 -> 960;
+    # [10] + 700 -> 1400;  [700] alone (a sample over the budget still forms a batch of one) + 5 -> 1400;  [5]
+    assert cuts == [[100, 300], [50, 320], [320, 10], [10], [700], [5]]
+    assert cutter.pos == len(costs)
+
+
+@pytest.mark.parametrize("modality,budget", [("audio", 64_000), ("text", 512)])
+def test_token_budget_batches_fit_and_resume_exactly(shards, modality, budget):
+    cfg = tiny(modality, **{"train.max_tokens": budget})
+    # epoch length from full-length samples: audio 64000 // 32000 = 2, text 512 // 128 = 4 per batch
+    K, n = 12, {"audio": 16, "text": 32}[modality]
+    full = take(build_loader(cfg, shards[modality], num_samples=n), K)  # spe 8: crosses into epoch 1
+    sizes = set()
+    for b in full:
+        B, T = b.inputs.shape  # audio: clips cropped to the shortest (<= every clip's cost); text: padded
+        assert B * T <= budget
+        sizes.add(B)
+    # audio clips vary (0.3 .. 1.5 s): the budget, not a clip count, sets the batch size
+    assert modality == "text" or len(sizes) > 1
+    for N in (3, 7):
+        resumed = take(build_loader(cfg, shards[modality], num_samples=n, start_step=N), K - N)
+        assert all(same(a, b) for a, b in zip(full[N:], resumed)), f"resume at {N} differs"
+
+
+def test_token_budget_is_validated_against_one_full_sample():
+    from model.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.max_tokens=1000 is below one full-length sample"):
+        apply_overrides(audio_tiny(), ["train.max_tokens=1000"])
+    with pytest.raises(ConfigError, match="train.max_tokens is for audio and text"):
+        apply_overrides(vision_tiny(), ["train.max_tokens=100000"])
+
+
+def test_text_batch_without_any_span_gets_one_masked_token():
+    """mask_tokens_dataset.py has no minimum: short samples can draw no span. The loss needs a masked
+    step, so a batch where no row drew one gets exactly one <mask> (the documented deviation)."""
+    from workers.loader import _Text
+
+    codec = _Text(text_tiny())
+    f = codec.f
+    items = [(torch.tensor([f.bos_id, 9, 10, f.eos_id]),) * 2 + (torch.zeros(4, dtype=torch.bool),),
+             (torch.tensor([f.bos_id, 11, f.eos_id]),) * 2 + (torch.zeros(3, dtype=torch.bool),)]
+    out = codec.collate(items, torch.Generator().manual_seed(0))
+    assert int(out["mask"].sum()) == 1 and torch.equal(out["mask"], out["inputs"] == f.mask_id)
+    assert not (out["mask"] & out["padding_mask"]).any()
+    some = [(items[0][0], items[0][0].masked_fill(torch.tensor([0, 1, 0, 0], dtype=torch.bool), f.mask_id),
+             torch.tensor([False, True, False, False])), items[1]]
+    assert int(codec.collate(some, torch.Generator().manual_seed(0))["mask"].sum()) == 1  # untouched

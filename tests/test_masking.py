@@ -192,71 +192,81 @@ def test_span_mask_batch_respects_lengths_and_same_count():
     m2 = span_mask_batch(lengths, 200, 0.65, 10, same_count=True, generator=gen(0))
     assert len(set(m2.sum(1).tolist())) == 1
     assert (m2 <= m).all()  # only drops masked positions
+    # compute_mask_indices(require_same_masks): each row keeps a random min_len-subset of its own mask
+    assert int(m2[0].sum()) == int(m.sum(1).min())
     with pytest.raises(ValueError):
         span_mask_batch([300], 200, 0.65, 10)
 
 
 # ---------------------------------------------------------------------------------------------- text
-def text_sample(t: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+# fairseq MaskTokensDataset (mask_multiple_length, as data2vec text uses it), per sample of T tokens:
+#   num = int(p * T / L + U);  starts = choice(T, num, replace=False);  spans start..start+L-1, kept < T
+# so position j is masked unless none of the w_j = min(L, j + 1) starts that cover it was drawn:
+#   P(j masked | num) = 1 - C(T - w_j, num) / C(T, num)   (hypergeometric, closed form below)
+
+
+def p_masked(T: int, L: int, p: float, j: int) -> float:
+    """P(position j masked) under the reference algorithm, averaged over the probabilistic rounding."""
+    x = p * T / L
+    lo = math.floor(x)
+    w = min(L, j + 1)
+    miss = lambda n: math.comb(T - w, n) / math.comb(T, n)  # noqa: E731
+    return 1 - ((1 - (x - lo)) * miss(lo) + (x - lo) * miss(lo + 1))
+
+
+def text_ids(t: int) -> torch.Tensor:
     ids = torch.randint(10, 1000, (t,), generator=gen(99))
-    special = torch.zeros(t, dtype=torch.bool)
-    special[0] = special[-1] = True  # <s> ... </s>
-    special[80:] = True  # padding
-    ids[0], ids[79], ids[80:] = 0, 2, 1
-    return ids, special
+    ids[0], ids[-1] = 0, 2  # <s> ... </s>
+    return ids
 
 
-def test_bert_mask_80_10_10_and_specials():
-    ids, special = text_sample()
-    n_nonspecial = int((~special).sum())  # 78
-    g = gen(0)
-    n_mask = n_rand = n_same = 0
-    for _ in range(2000):
-        new, tgt = bert_mask(ids, special, mask_id=1000, vocab_size=1000, num_special=4, generator=g)
-        assert int(tgt.sum()) == round(0.15 * n_nonspecial)  # 11.7 -> 12
-        assert not (tgt & special).any()
-        assert torch.equal(new[~tgt], ids[~tgt])  # unchosen positions untouched
-        chosen_new, chosen_old = new[tgt], ids[tgt]
-        n_mask += int((chosen_new == 1000).sum())
-        changed = (chosen_new != 1000) & (chosen_new != chosen_old)
-        assert ((chosen_new[changed] >= 4) & (chosen_new[changed] < 1000)).all()
-        n_rand += int(changed.sum())
-        n_same += int((chosen_new == chosen_old).sum())
-    total = 2000 * 12
+def test_text_span_mask_matches_mask_tokens_dataset_position_by_position():
+    T, L, p, n = 40, 4, 0.35, 20_000
+    ids, g = text_ids(T), gen(0)
+    hits = torch.zeros(T)
+    counts = set()
+    for _ in range(n):
+        new, tgt = text_span_mask(ids, mask_id=7, mask_prob=p, span_length=L, generator=g)
+        assert torch.equal(tgt, new == 7) and torch.equal(new[~tgt], ids[~tgt])  # all chosen -> <mask>
+        hits += tgt.float()
+        counts.add(len(runs(tgt)) <= math.floor(p * T / L) + 1)
+    assert counts == {True}  # never more spans than the rounding allows: no forced extra spans
+    for j in range(T):  # <s> (j=0, only its own start covers it) and </s> (j=T-1, spans cut) included
+        assert abs(hits[j] / n - p_masked(T, L, p, j)) < 0.015, j
+    assert hits[0] > 0 and hits[-1] > 0  # the reference can mask <s> and </s>
+
+
+def test_text_span_mask_has_no_minimum():
+    # T=5, p=.35, L=4: num = int(.4375 + U) is 0 with probability .5625 -> nothing masked, as in the reference
+    ids, g = text_ids(5), gen(1)
+    empty = sum(not text_span_mask(ids, 99, 0.35, 4, generator=g)[1].any() for _ in range(4000))
+    assert abs(empty / 4000 - (1 - 0.4375)) < 0.03
+    # min_spans is a knob, off in the text presets
+    assert all(text_span_mask(ids, 99, 0.35, 4, min_spans=1, generator=g)[1].any() for _ in range(200))
+
+
+def test_bert_mask_counts_replacements_and_loss_positions():
+    T = 100
+    ids, g = text_ids(T), gen(0)
+    chosen_n, n_mask, n_rand, n_same = [], 0, 0, 0
+    for _ in range(3000):
+        new, tgt = bert_mask(ids, mask_id=1000, vocab_size=1000, num_special=4, generator=g)
+        # data2vec_text.py: loss only where the input is <mask>, never at random / unchanged tokens
+        assert torch.equal(tgt, new == 1000)
+        rand = (new != ids) & ~tgt
+        assert ((new[rand] >= 4) & (new[rand] < 1000)).all()
+        n_mask += int(tgt.sum())
+        n_rand += int(rand.sum())
+        chosen_n.append(int(tgt.sum()) + int(rand.sum()))
+    # MaskTokensDataset: num = int(.15 * 100 + U) = 15 chosen over all positions; 80% <mask>, 10% random
+    # (a random id equal to the original, 1 in 996, counts as unchanged here)
+    total = 3000 * 15
     assert abs(n_mask / total - 0.8) < 0.01
     assert abs(n_rand / total - 0.1 * (1 - 1 / 996)) < 0.01
-    assert abs(n_same / total - (0.1 + 0.1 / 996)) < 0.01
+    assert max(chosen_n) <= 15
 
 
-def test_bert_mask_at_least_one_and_none_without_candidates():
-    ids = torch.tensor([0, 5, 2])
-    special = torch.tensor([True, False, True])
-    new, tgt = bert_mask(ids, special, 50, 50, 4, replace_mask=1.0, replace_random=0.0, generator=gen(0))
-    assert tgt.tolist() == [False, True, False] and new.tolist() == [0, 50, 2]
-    new, tgt = bert_mask(ids, torch.ones(3, dtype=torch.bool), 50, 50, 4, generator=gen(0))
-    assert not tgt.any() and torch.equal(new, ids)
-
-
-def test_text_span_mask_replaces_all_chosen_and_skips_specials():
-    ids, special = text_sample(600)
-    special[80:] = False  # long sequence: <s> ... </s>, no padding
-    special[-1] = True
-    g = gen(0)
-    fracs = []
-    for _ in range(300):
-        new, tgt = text_span_mask(ids, special, mask_id=7, generator=g)
-        assert not (tgt & special).any()
-        assert (new[tgt] == 7).all() and torch.equal(new[~tgt], ids[~tgt])
-        fracs.append(tgt[1:-1].float().mean().item())
-    # positions away from the ends: P(masked) = 1 - (1 - .35/4)^4 (starts ~ Bernoulli(.35/4) per step)
-    assert abs(np.mean(fracs) - (1 - (1 - 0.35 / 4) ** 4)) < 0.02
-
-
-def test_text_span_mask_guarantees_one_masked_token():
-    # span_mask never masks the last step, and every other step is special -> fallback must pick step 5
-    ids = torch.arange(6)
-    special = torch.tensor([True] * 5 + [False])
-    new, tgt = text_span_mask(ids, special, mask_id=99, generator=gen(0))
-    assert tgt.tolist() == [False] * 5 + [True] and new[5] == 99
-    new, tgt = text_span_mask(ids, torch.ones(6, dtype=torch.bool), mask_id=99, generator=gen(0))
-    assert not tgt.any()
+def test_bert_mask_chooses_specials_too():
+    ids, g = text_ids(20), gen(3)  # int(.15 * 20 + U) = 3 chosen of 20 -> P(<s> chosen and <mask>) = .15 x .8
+    hits = sum(bool(bert_mask(ids, 50, 50, 4, generator=g)[1][0]) for _ in range(4000))
+    assert abs(hits / 4000 - 0.15 * 0.8) < 0.02

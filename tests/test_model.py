@@ -63,8 +63,7 @@ def make_batch(cfg, batch_size=4, seed=0) -> Batch:
     T = 24
     ids = torch.randint(5, f.vocab_size, (batch_size, T), generator=g)
     ids[:, 0], ids[:, -1] = f.bos_id, f.eos_id
-    special = ids < 5
-    rows = [text_span_mask(ids[b], special[b], f.mask_id, cfg.masking.mask_prob, cfg.masking.span_length,
+    rows = [text_span_mask(ids[b], f.mask_id, cfg.masking.mask_prob, cfg.masking.span_length, 1,
                            generator=g) for b in range(batch_size)]
     return Batch(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), None, ids)
 

@@ -7,12 +7,15 @@ Determinism (why every rank takes the same number of steps and a resumed run see
 - W = max(1, num_workers) *lanes*; spe = steps_per_epoch(...) is a multiple of W. Global step s on rank r
   belongs to epoch e = s // spe, lane l = s % W, and is batch k = (s % spe) // W of that lane's epoch.
 - Lane l of rank r in epoch e is one webdataset stream: shards drawn with replacement by an RNG seeded
-  from (seed, e, r, l) -> tar samples -> cheap check on the raw bytes -> shuffle buffer (seeded likewise).
-  Batch k takes the stream's checked samples [k*B, (k+1)*B); after spe / W batches a fresh stream starts
-  the next epoch. Resampling makes every stream infinite, so uneven shards cannot end a rank early.
-- Each sample's augmentation and mask draws come from an RNG seeded from (seed, e, r, l, k*B + i) and the
-  batch-level draws (audio crop to the shortest, span masks) from (seed, e, r, l, k): resuming skips the
-  first k*B checked samples *undecoded* and replays no RNG.
+  from (seed, e, r, l) -> tar samples -> cheap check on the raw bytes (which also gives each sample's
+  cost: audio samples after the crop cap, text tokens) -> shuffle buffer (seeded likewise). Batch k takes
+  the stream's next B checked samples, or with train.max_tokens the longest run whose count x largest
+  cost fits the budget (fairseq batch_by_size rule); after spe / W batches a fresh stream starts the
+  next epoch. Resampling makes every stream infinite, so uneven shards cannot end a rank early.
+- Each sample's augmentation and mask draws come from an RNG seeded from (seed, e, r, l, p) where p is
+  its position in the lane's epoch stream (k*B + i with clip counts), and the batch-level draws (audio
+  crop to the shortest, span masks) from (seed, e, r, l, k): resuming replays the batch cuts of the
+  first k batches on the costs alone, skipping those samples *undecoded*, and replays no RNG.
 - DataLoader worker w serves lane (start_step + w) % W: torch fetches batch i from worker i % W, so batch
   i of the loader is global step start_step + i. Every batch carries its step and the iterator checks it.
 So the batch of step s on rank r is a pure function of (cfg, shards, spe, r, s), num_workers=0 included
@@ -46,6 +49,7 @@ from model.config import Config
 from model.data2vec import Batch
 from model.frontends import audio_frames
 from model.masking import bert_mask, block_mask, span_mask_batch, text_span_mask
+from model.masking_v2 import make_masks
 from workers.preprocess import SAMPLE_RATE, load_audio, normalize_wave, open_image, train_image
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,17 @@ def steps_per_epoch(num_samples: int, batch_size: int, world_size: int, num_work
     lanes = max(1, num_workers)
     steps = math.ceil(max(1, num_samples) / (batch_size * world_size))
     return lanes * math.ceil(steps / lanes)
+
+
+def samples_per_batch(cfg: Config) -> int:
+    """Samples per batch for the epoch length: train.batch_size, or with a token budget the count that
+    full-length samples (data.max_samples audio / data.block_size text) fill; shorter samples make
+    fuller batches, so such an "epoch" passes over the data at least once."""
+    t = cfg.train
+    if t.max_tokens is None:
+        return t.batch_size
+    longest = cfg.data.max_samples if cfg.model.modality == "audio" else cfg.data.block_size
+    return max(1, t.max_tokens // longest)
 
 
 def count_samples(shards: list[str]) -> int:
@@ -108,9 +123,12 @@ def _rngs(*parts: int) -> tuple[np.random.Generator, torch.Generator]:
 
 
 # ------------------------------------------------------------------------------ modality codecs
-# check(sample) -> None (ok) | reason: cheap, on raw bytes only (runs also for samples skipped on resume).
+# check(sample) -> cost (int, ok: 1 per image, audio samples after the crop cap, text tokens) | reason
+#   (str): cheap, on raw bytes only (runs also for samples skipped on resume).
 # decode(payload, rng, g) -> item: full decode + augmentation + per-sample mask; raises on bad data.
 # collate(items, g) -> dict of tensors in the `Batch` layout.
+# data2vec 2.0 (cfg.v2): M = v2.clone_batch masks per sample, `mask` is (B, M, T), drawn from the same seeded
+#   generators as v1's masks (per sample for vision, per batch for audio and text), so just as resumable.
 
 
 class _Vision:
@@ -119,19 +137,22 @@ class _Vision:
     def __init__(self, cfg: Config) -> None:
         self.size, self.grid = cfg.model.frontend.image_size, cfg.model.frontend.grid  # type: ignore[union-attr]
         self.data, self.m = cfg.data, cfg.masking
+        self.clones = cfg.v2.clone_batch if cfg.v2 is not None else 0
 
-    def check(self, payload: bytes) -> str | None:
+    def check(self, payload: bytes) -> str | int:
         from PIL import Image
 
         try:
             Image.open(io.BytesIO(payload))  # lazy: reads the header only
         except Exception as exn:
             return f"not an image ({exn!r})"
-        return None
+        return 1
 
     def decode(self, payload: bytes, rng: np.random.Generator, g: torch.Generator):
         d, m = self.data, self.m
         x = train_image(open_image(payload), self.size, rng, scale=d.crop_scale, hflip=d.hflip, jitter=d.color_jitter)
+        if self.clones:
+            return x, make_masks(m, self.clones, self.grid**2, generator=g)  # (3, H, W), (M, N)
         mask = block_mask(self.grid, self.grid, m.num_masked, m.min_block, m.max_block, m.min_aspect, generator=g)
         return x, mask  # (3, H, W), (N,)
 
@@ -147,17 +168,19 @@ class _Audio:
     def __init__(self, cfg: Config) -> None:
         self.conv = cfg.model.frontend.conv_layers  # type: ignore[union-attr]
         self.data, self.m = cfg.data, cfg.masking
+        self.clones = cfg.v2.clone_batch if cfg.v2 is not None else 0
 
-    def check(self, payload: bytes) -> str | None:
+    def check(self, payload: bytes) -> str | int:
         import soundfile as sf
 
         try:
             info = sf.info(io.BytesIO(payload))  # header only
         except Exception as exn:
             return f"not audio ({exn!r})"
-        if info.frames * SAMPLE_RATE // max(1, info.samplerate) < self.data.min_samples:
+        frames = info.frames * SAMPLE_RATE // max(1, info.samplerate)
+        if frames < self.data.min_samples:
             return "too_short"
-        return None
+        return min(frames, self.data.max_samples)  # fairseq RawAudioDataset.size without padding
 
     def decode(self, payload: bytes, rng: np.random.Generator, g: torch.Generator):
         wav = load_audio(payload)  # (S_i,) float32, 16 kHz mono
@@ -176,7 +199,11 @@ class _Audio:
             crops.append(torch.from_numpy(wav[start : start + size]))
         frames = int(audio_frames(size, self.conv))
         m = self.m
-        mask = span_mask_batch([frames] * len(items), frames, m.mask_prob, m.span_length, m.min_spans, generator=g)
+        if self.clones:  # (B, M, frames)
+            mask = torch.stack([make_masks(m, self.clones, frames, generator=g) for _ in items])
+        else:
+            mask = span_mask_batch([frames] * len(items), frames, m.mask_prob, m.span_length, m.min_spans,
+                                   same_count=m.require_same_masks, generator=g)
         return {"inputs": torch.stack(crops),  # (B, S)
                 "mask": mask,  # (B, frames)
                 "padding_mask": None, "teacher_inputs": None}
@@ -189,6 +216,7 @@ class _Text:
         f = cfg.model.frontend
         self.f, self.m, self.block = f, cfg.masking, cfg.data.block_size
         self.num_special = max(f.bos_id, f.pad_id, f.eos_id, f.unk_id, f.mask_id) + 1  # type: ignore[union-attr]
+        self.clones = cfg.v2.clone_batch if cfg.v2 is not None else 0
 
     def _ids(self, payload: bytes) -> np.ndarray:
         ids = np.load(io.BytesIO(payload), allow_pickle=False)
@@ -198,29 +226,32 @@ class _Text:
             raise ValueError(f"token ids outside [0, {self.f.vocab_size})")  # type: ignore[union-attr]
         return ids
 
-    def check(self, payload: bytes) -> str | None:
+    def check(self, payload: bytes) -> str | int:
         try:
-            self._ids(payload)
+            n = len(self._ids(payload))
         except Exception as exn:
             return f"bad ids ({exn!r})"
-        return None
+        return min(n + 1, self.block)  # <s> + block
 
     def decode(self, payload: bytes, rng: np.random.Generator, g: torch.Generator):
         f, m = self.f, self.m
-        ids = self._ids(payload)
-        window = self.block - 2
+        ids = self._ids(payload)  # a block: whole document or a piece of one, ending in </s> if it ends one
+        window = self.block - 1  # fairseq: tokens_per_sample - 1, then <s> prepended
         start = int(rng.integers(0, len(ids) - window + 1)) if len(ids) > window else 0
         ids = torch.from_numpy(ids[start : start + window].astype(np.int64))
-        ids = torch.cat([torch.tensor([f.bos_id]), ids, torch.tensor([f.eos_id])])  # (T_i,) <s> ... </s>
-        special = ids < self.num_special
+        ids = torch.cat([torch.tensor([f.bos_id]), ids])  # (T_i,) <s> ...
+        if self.clones:  # v2: no <mask> token; the M masks are drawn per batch, over the padded length
+            return ids, ids, None
         if m.kind == "bert":
-            masked, target = bert_mask(ids, special, f.mask_id, f.vocab_size, self.num_special, m.mask_prob,
+            masked, target = bert_mask(ids, f.mask_id, f.vocab_size, self.num_special, m.mask_prob,
                                        m.replace_mask, m.replace_random, generator=g)
         else:
-            masked, target = text_span_mask(ids, special, f.mask_id, m.mask_prob, m.span_length, generator=g)
+            masked, target = text_span_mask(ids, f.mask_id, m.mask_prob, m.span_length, m.min_spans, generator=g)
         return ids, masked, target
 
     def collate(self, items: list, g: torch.Generator) -> dict[str, Any]:
+        if self.clones:
+            return self._collate_v2(items, g)
         lengths = [len(ids) for ids, _, _ in items]
         T, B = max(lengths), len(items)
         teacher = torch.full((B, T), self.f.pad_id, dtype=torch.long)  # (B, T)
@@ -229,8 +260,24 @@ class _Text:
         for b, (ids, masked, target) in enumerate(items):
             n = len(ids)
             teacher[b, :n], inputs[b, :n], mask[b, :n] = ids, masked, target
+        if not mask.any():  # short samples can draw no span; the loss needs one masked token
+            b = int(torch.randint(B, (1,), generator=g))
+            t = int(torch.randint(lengths[b], (1,), generator=g))
+            mask[b, t], inputs[b, t] = True, self.f.mask_id
         pad = torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]  # (B, T)
         return {"inputs": inputs, "mask": mask, "padding_mask": pad if pad.any() else None, "teacher_inputs": teacher}
+
+    def _collate_v2(self, items: list, g: torch.Generator) -> dict[str, Any]:
+        """v2: the unmasked ids for student and teacher, (B, M, T) random masks over the padded length
+        (the reference masks padded steps too; the loss leaves them out)."""
+        lengths = [len(ids) for ids, _, _ in items]
+        T, B = max(lengths), len(items)
+        inputs = torch.full((B, T), self.f.pad_id, dtype=torch.long)  # (B, T)
+        for b, (ids, _, _) in enumerate(items):
+            inputs[b, : len(ids)] = ids
+        mask = make_masks(self.m, B * self.clones, T, generator=g).view(B, self.clones, T)  # (B, M, T)
+        pad = torch.arange(T)[None, :] >= torch.tensor(lengths)[:, None]  # (B, T)
+        return {"inputs": inputs, "mask": mask, "padding_mask": pad if pad.any() else None, "teacher_inputs": None}
 
 
 _CODECS = {"vision": _Vision, "audio": _Audio, "text": _Text}
@@ -293,22 +340,22 @@ class _Lane:
             if stream is not None:
                 stream.close()
 
-    def _checked(self, samples: Iterator[dict]) -> Iterator[tuple[str, str, bytes]]:
-        """(url, key, payload) of the samples that pass the codec's cheap check; the rest counted."""
+    def _checked(self, samples: Iterator[dict]) -> Iterator[tuple[str, str, bytes, int]]:
+        """(url, key, payload, cost) of the samples that pass the codec's cheap check; the rest counted."""
         for s in samples:
             key, url = s.get("__key__"), s.get("__url__")
             payload = next((s[k] for k in self.codec.keys if k in s), None)
             reason = "no payload (" + "/".join(self.codec.keys) + ")" if payload is None else self.codec.check(payload)
-            if reason is None:
+            if isinstance(reason, int):
                 self._dry = 0
-                yield url, key, payload
+                yield url, key, payload, reason
             elif reason == "too_short":
                 self.stats["too_short"] += 1
             else:
                 self.stats["corrupt"] += 1
                 self._warn("skipping sample %s in %s: %s", key, url, reason)
 
-    def stream(self, epoch: int) -> Iterator[tuple[str, str, bytes]]:
+    def stream(self, epoch: int) -> Iterator[tuple[str, str, bytes, int]]:
         """The lane's checked, shuffled sample stream for one epoch (infinite)."""
         seed = self.cfg.train.seed
         urls = self._urls(random.Random(_int_seed(seed, _SHARDS, epoch, self.rank, self.lane)))
@@ -321,8 +368,8 @@ class _Lane:
         return samples
 
     # -------------------------------------------------------------- batches
-    def _decode(self, raw: tuple[str, str, bytes], *seed: int):
-        url, key, payload = raw
+    def _decode(self, raw: tuple[str, str, bytes, int], *seed: int):
+        url, key, payload, _ = raw
         try:
             return self.codec.decode(payload, *_rngs(self.cfg.train.seed, *seed))
         except Exception as exn:
@@ -330,22 +377,23 @@ class _Lane:
             self._warn("cannot decode sample %s in %s: %r", key, url, exn)
             return None
 
-    def batch(self, stream: Iterator, epoch: int, k: int) -> dict[str, Any]:
-        """Batch k of this lane's epoch: checked samples [k*B, (k+1)*B) of `stream`, decoded and collated."""
-        B, ids = self.cfg.train.batch_size, (epoch, self.rank, self.lane)
+    def batch(self, cuts: "_Cutter", epoch: int, k: int) -> dict[str, Any]:
+        """Batch k of this lane's epoch: the next cut of checked samples (stream positions p0, p0+1, ...),
+        decoded and collated."""
+        ids = (epoch, self.rank, self.lane)
         for _ in range(10):
-            raws = list(itertools.islice(stream, B))
-            items = [self._decode(r, _SAMPLE, *ids, k * B + i) for i, r in enumerate(raws)]
+            p0, raws = cuts.pos, cuts.take()
+            items = [self._decode(r, _SAMPLE, *ids, p0 + i) for i, r in enumerate(raws)]
             good = [i for i, it in enumerate(items) if it is not None]
             if good:
                 break
-            self._warn("batch %d of epoch %d had no decodable sample; taking the next %d", k, epoch, B)
+            self._warn("batch %d of epoch %d had no decodable sample; taking the next %d", k, epoch, len(raws))
         else:
             raise RuntimeError(f"rank {self.rank} lane {self.lane}: 10 batches in a row without a decodable sample")
         for i, it in enumerate(items):
             if it is None:  # replace by the next good sample of the batch, with this slot's own draws
                 j = min(good, key=lambda j: (j - i) % len(items))
-                items[i] = self._decode(raws[j], _FILL, *ids, k * B + i) or items[j]
+                items[i] = self._decode(raws[j], _FILL, *ids, p0 + i) or items[j]
                 self.stats["filled"] += 1
         self.stats["samples"] += len(good)
         self.stats["batches"] += 1
@@ -355,19 +403,44 @@ class _Lane:
     def batches(self, first_step: int) -> Iterator[dict[str, Any]]:
         """Batches of global steps first_step, first_step + W, ... (first_step % W == lane), forever."""
         assert first_step % self.lanes == self.lane
-        B, per_epoch = self.cfg.train.batch_size, self.spe // self.lanes
+        per_epoch, t = self.spe // self.lanes, self.cfg.train
         step = first_step
         while True:
             epoch, k0 = step // self.spe, (step % self.spe) // self.lanes
-            stream = self.stream(epoch)
-            for _ in itertools.islice(stream, k0 * B):  # resume: skip undecoded samples
-                self.stats["skipped"] += 1
+            cuts = _Cutter(self.stream(epoch), t.batch_size, t.max_tokens)
+            for _ in range(k0):  # resume: replay the cuts on costs alone, samples skipped undecoded
+                self.stats["skipped"] += len(cuts.take())
             for k in range(k0, per_epoch):
-                out = self.batch(stream, epoch, k)
+                out = self.batch(cuts, epoch, k)
                 out.update(step=step, lane=self.lane, stats=dict(self.stats))
                 yield out
                 step += self.lanes
-            del stream  # closes the epoch's open shard
+            del cuts  # closes the epoch's open shard
+
+
+class _Cutter:
+    """Cuts a lane's checked stream into batches: `batch_size` samples, or with a token budget the longest
+    run of samples whose count x largest cost stays within it (at least one sample; fairseq batch_by_size
+    without the length sort). `pos` counts the samples taken so far (the per-sample seed position)."""
+
+    def __init__(self, stream: Iterator[tuple[str, str, bytes, int]], batch_size: int, max_tokens: int | None):
+        self.stream, self.batch_size, self.max_tokens = stream, batch_size, max_tokens
+        self.pos, self._held = 0, None  # _held: a sample that did not fit the previous batch
+
+    def take(self) -> list[tuple[str, str, bytes, int]]:
+        if self.max_tokens is None:
+            out = list(itertools.islice(self.stream, self.batch_size))
+        else:
+            out, longest = [], 0
+            while (raw := self._held if self._held is not None else next(self.stream, None)) is not None:
+                self._held = None
+                if out and (len(out) + 1) * max(longest, raw[3]) > self.max_tokens:
+                    self._held = raw
+                    break
+                out.append(raw)
+                longest = max(longest, raw[3])
+        self.pos += len(out)
+        return out
 
 
 class LaneDataset(IterableDataset):
@@ -449,6 +522,6 @@ def build_loader(
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0")
     n = count_samples(shards) if num_samples is None else num_samples
-    spe = steps_per_epoch(n, cfg.train.batch_size, world_size, cfg.data.num_workers)
+    spe = steps_per_epoch(n, samples_per_batch(cfg), world_size, cfg.data.num_workers)
     ds = LaneDataset(cfg, shards, rank, start_step, spe)
     return ShardLoader(ds, cfg.data.num_workers, pin_memory=torch.cuda.is_available())

@@ -9,31 +9,42 @@ from torch import nn
 
 from model.config import OptimConfig
 
-# Parameters that never get weight decay besides 1-D tensors (biases, norms, layer scale): positions, CLS,
-# mask embeddings, relative position tables (BEiT/data2vec_vision `no_weight_decay`).
-NO_DECAY_NAMES = ("cls_token", "mask_emb", "rel_pos.table", "positions.weight", "pos_conv")
+def _matches(name: str, patterns: list[str]) -> bool:
+    """`name` is one of `patterns` or ends with "." + one of them (`cls_token` ~ `encoder.frontend.cls_token`)."""
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weight matrices, and everything 1-D / positional / CLS without decay."""
+def decays(name: str, p: torch.Tensor, cfg: OptimConfig) -> bool:
+    """Whether parameter `name` gets weight decay, by the preset's rule (data, not a modality branch).
+
+    fairseq (speech, text): one parameter group, every parameter decayed (`no_decay_1d` False, lists empty).
+    BEiT / data2vec_vision `get_parameter_groups`: no decay on 1-D tensors, `.bias` and `no_weight_decay()`
+    names; `decay` re-admits tensors that are 1-D only in our layout (the mask embedding).
+    """
+    if _matches(name, cfg.no_decay):
+        return False
+    if cfg.no_decay_1d and (p.ndim <= 1 or name.endswith(".bias")):
+        return _matches(name, cfg.decay)
+    return True
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """[decayed group] or [decayed, not decayed]: the second group only when the rule leaves something out."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or any(k in name for k in NO_DECAY_NAMES):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        if p.requires_grad:
+            (decay if decays(name, p, cfg) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam and AdamW both with decoupled weight decay (fairseq's Adam applies decoupled decay too)."""
+    """Adam and AdamW both with decoupled weight decay: fairseq's Adam shrinks p by lr * wd before the Adam
+    update, as torch's AdamW does."""
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
     )
 
 

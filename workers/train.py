@@ -3,10 +3,15 @@
 Ray appears only at the marked points (RAY:): dataset shard / rank, prepare model, report + checkpoint,
 get checkpoint. Everything else is plain PyTorch, so the same loop runs in a plain process
 (`Hooks()` defaults) for benchmarks and tests.
+
+Resume is exact (bit-identical on CPU to the uninterrupted run): a checkpoint holds student, teacher,
+optimiser and the data position in micro-batches, and each micro-batch seeds torch's RNG (dropout, drop
+path, layerdrop) from (seed, step, micro-batch, rank) instead of carrying RNG state across steps.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -14,6 +19,7 @@ import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,13 +27,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from model.checkpoint import save_checkpoint
+from model.checkpoint import load_config, save_checkpoint
 from model.config import Config
-from model.data2vec import Data2Vec, data2vec_loss
+from model.data2vec import Batch, Data2Vec, data2vec_loss
+from model.data2vec2 import Data2Vec2, data2vec2_loss
 from model.targets import mean_std, variance_stats
 from model.teacher import EMATeacher, ema_decay
 
 from .optim import build_optimizer, lr_at, set_lr
+from .resume import check_resume
 
 
 class TrainingStopped(RuntimeError):
@@ -80,30 +88,29 @@ class Timer:
 def train(cfg: Config, batches_from: Callable[[int], Any], hooks: Hooks, tokenizer: Path | None = None) -> dict:
     """Run cfg.train.max_steps updates (resuming from the latest checkpoint) -> final metrics.
 
-    batches_from(start_step) returns an iterator of model.data2vec.Batch for this rank; text runs pass
-    the shard set's tokenizer.json, which every checkpoint carries.
+    batches_from(position) returns an iterator of model.data2vec.Batch for this rank, starting at micro-batch
+    `position` (micro-batches consumed so far: update step x grad_accum); text runs pass the shard set's
+    tokenizer.json, which every checkpoint carries.
     """
     t = cfg.train
     torch.manual_seed(t.seed)  # identical init on every rank (DDP also broadcasts rank 0's weights)
-    student = Data2Vec(cfg.model).to(hooks.device)
+    # v2: encoder + conv decoder; the teacher averages the encoder only, the decoder is trained, never averaged
+    student = (Data2Vec2(cfg.model, cfg.v2) if cfg.version == "v2" else Data2Vec(cfg.model)).to(hooks.device)
     teacher = EMATeacher(student.encoder, lambda n: student.encoder.is_averaged(n, cfg.teacher.scope))
     opt = build_optimizer(student, cfg.optim)
 
     # RAY: get checkpoint -- resume where the last run (or the failed worker group) stopped
-    start_step, history = 0, []
+    start_step, position, history = 0, 0, []
     ckpt_ctx = hooks.latest_checkpoint()
     if ckpt_ctx is not None:
         with ckpt_ctx as d:
-            start_step, history = _load_state(Path(d), student, teacher, opt, hooks.device)
+            start_step, position, history = _load_state(Path(d), cfg, student, teacher, opt, hooks.device)
         hooks.progress(f"resumed from checkpoint at step {start_step}")
 
     # RAY: prepare model (DDP)
     model = hooks.prepare_model(student)
-    batches = iter(batches_from(start_step))
-    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and hooks.device.type == "cuda")
-    autocast = (
-        torch.autocast(device_type=hooks.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    )
+    batches = iter(batches_from(position))
+    precision = _precision(cfg, hooks.device)
     timer = Timer(hooks.device)
     last = {}
     t_start, samples_done, step = time.perf_counter(), 0, start_step
@@ -112,26 +119,13 @@ def train(cfg: Config, batches_from: Callable[[int], Any], hooks: Hooks, tokeniz
         lr = lr_at(step, cfg.optim, t.max_steps)
         set_lr(opt, lr)
         # compute losses (gradient accumulation over micro-batches; DDP syncs on the last one)
-        loss_sum, tvar, pvar, n_masked = 0.0, None, None, 0
-        for micro in range(t.grad_accum):
-            with timer.phase("data"):
-                batch = next(batches).to(hooks.device, non_blocking=True)
-            sync = micro == t.grad_accum - 1 or not hasattr(model, "no_sync")
-            with (nullcontext() if sync else model.no_sync()):
-                with timer.phase("forward"), autocast:
-                    loss, pred, target = data2vec_loss(model, teacher.model, cfg, batch)
-                with timer.phase("backward"):
-                    (loss / t.grad_accum).backward()
-            loss_sum += float(loss.detach())
-            n_masked += pred.shape[0]
-            tvar = _acc(tvar, variance_stats(target.detach().float()))
-            pvar = _acc(pvar, variance_stats(pred.detach().float()))
-            samples_done += len(batch)
+        with timer.phase("data"):
+            micro = [next(batches) for _ in range(t.grad_accum)]
+        position += t.grad_accum
+        mean_loss, tvar, pvar = accumulate_gradients(model, teacher.model, cfg, micro, hooks, step, precision, timer)
+        samples_done += sum(len(b) for b in micro)
         # optimiser step (clip), stop on non-finite loss
         with timer.phase("optim"):
-            stats = torch.tensor([loss_sum / t.grad_accum, float(n_masked)], dtype=torch.float64)
-            stats = _all_reduce(stats.to(hooks.device), hooks.world_size).cpu()
-            mean_loss = float(stats[0]) / hooks.world_size
             if not math.isfinite(mean_loss):
                 return _stop(hooks, step, f"loss is {mean_loss} at step {step}", history)
             max_norm = cfg.optim.clip_norm or float("inf")
@@ -167,8 +161,69 @@ def train(cfg: Config, batches_from: Callable[[int], Any], hooks: Hooks, tokeniz
         # RAY: report + checkpoint (a barrier on every rank)
         if done % t.checkpoint_every == 0 or done == t.max_steps:
             with timer.phase("checkpoint"):
-                _checkpoint(cfg, hooks, student, teacher, opt, done, history, last, tokenizer)
+                _checkpoint(cfg, hooks, student, teacher, opt, done, position, history, last, tokenizer)
     return {"step": t.max_steps, "stopped": None, "history": history, "timings": timer.totals, **last}
+
+
+def accumulate_gradients(
+    model: torch.nn.Module, teacher: torch.nn.Module, cfg: Config, micro: list[Batch], hooks: Hooks, step: int,
+    precision: tuple[Callable, Callable] = (nullcontext, nullcontext), timer: Timer | None = None,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Forward + backward over one update's micro-batches; leaves d(update loss)/d(params) in `.grad`.
+
+    loss.normalize = 'global_count' (fairseq): the update loss is the sum of the per-step losses over all
+    ranks and micro-batches divided by their total masked-step count N, all-reduced before any backward.
+    Micro-batch i on this rank is weighted n_i * W / N, so DDP's gradient average (1/W) gives exactly
+    d(global sum / N). 'rank_mean' (data2vec_vision): each micro-batch's mean, / grad_accum, averaged by DDP.
+    Returns (the update's mean loss over all ranks, target and prediction variance stats of this rank).
+    """
+    timer = timer or Timer(hooks.device)
+    counts = [int(b.mask.sum()) for b in micro]  # masked steps (loss positions) per micro-batch
+    world, k = hooks.world_size, len(micro)
+    total = float(sum(counts))
+    if cfg.loss.normalize == "global_count":
+        total = float(_all_reduce(torch.tensor([total], dtype=torch.float64, device=hooks.device), world)[0])
+        weights = [n * world / max(total, 1.0) for n in counts]
+    else:
+        weights = [1.0 / k] * k
+    student_ctx, teacher_ctx = precision
+    objective = data2vec2_loss if cfg.version == "v2" else data2vec_loss
+    loss_num, tvar, pvar = 0.0, None, None
+    for i, (batch, w) in enumerate(zip(micro, weights)):
+        torch.manual_seed(_micro_seed(cfg.train.seed, step, i, hooks.rank))  # dropout etc.: resumable exactly
+        with timer.phase("data"):
+            batch = batch.to(hooks.device, non_blocking=True)
+        sync = i == k - 1 or not hasattr(model, "no_sync")
+        with (nullcontext() if sync else model.no_sync()):
+            with timer.phase("forward"):
+                loss, pred, target = objective(model, teacher, cfg, batch, student_precision=student_ctx,
+                                               teacher_precision=teacher_ctx)
+            with timer.phase("backward"):
+                (loss * w).backward()
+        # numerator of the reported mean: sum of per-step losses (global) or of micro-batch means / k (rank)
+        loss_num += float(loss.detach()) * (counts[i] if cfg.loss.normalize == "global_count" else 1.0 / k)
+        tvar = _acc(tvar, variance_stats(target.detach().float()))
+        pvar = _acc(pvar, variance_stats(pred.detach().float()))
+    num = float(_all_reduce(torch.tensor([loss_num], dtype=torch.float64, device=hooks.device), world)[0])
+    mean_loss = num / max(total, 1.0) if cfg.loss.normalize == "global_count" else num / world
+    return mean_loss, tvar, pvar
+
+
+def _precision(cfg: Config, device: torch.device) -> tuple[Callable, Callable]:
+    """(student, teacher) precision contexts: bf16 autocast for the student when asked; the teacher shares
+    it (teacher.precision='student') or runs outside it in fp32 ('fp32', as data2vec_vision does)."""
+    t = cfg.train
+    if not (t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")):
+        return nullcontext, nullcontext
+    student = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return student, (student if cfg.teacher.precision == "student" else nullcontext)
+
+
+def _micro_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The torch RNG seed of one micro-batch: a function of where it is, so a resumed run draws the same
+    dropout / drop-path / layerdrop as the uninterrupted one, and ranks draw differently."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _acc(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -182,8 +237,8 @@ def _stop(hooks: Hooks, step: int, reason: str, history: list) -> dict:
     return {"step": step, "stopped": reason, "history": history}
 
 
-def _checkpoint(cfg, hooks: Hooks, student, teacher, opt, step: int, history: list, metrics: dict,
-                tokenizer: Path | None) -> None:
+def _checkpoint(cfg, hooks: Hooks, student, teacher, opt, step: int, position: int, history: list,
+                metrics: dict, tokenizer: Path | None) -> None:
     name = f"step_{step:08d}"
     report = {"step": step, "stopped": None, **metrics}
     if hooks.rank != 0:
@@ -191,8 +246,8 @@ def _checkpoint(cfg, hooks: Hooks, student, teacher, opt, step: int, history: li
         return
     with tempfile.TemporaryDirectory(prefix="d2v-ckpt-") as tmp:
         d = Path(tmp) / name
-        state = {"step": step, "seed": cfg.train.seed, "data_position": step * cfg.train.grad_accum,
-                 "history": history}
+        # data_position: micro-batches consumed, where the loader resumes (not the update step)
+        state = {"step": step, "seed": cfg.train.seed, "data_position": position, "history": history}
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)  # tensors and plain containers only: loads with weights_only=True
         extra: dict[str, bytes | Path] = {"optimizer.pt": buf.getvalue()}
@@ -202,9 +257,15 @@ def _checkpoint(cfg, hooks: Hooks, student, teacher, opt, step: int, history: li
         hooks.report(report, str(d), name)
 
 
-def _load_state(d: Path, student, teacher: EMATeacher, opt, device) -> tuple[int, list]:
+def _load_state(d: Path, cfg: Config, student, teacher: EMATeacher, opt, device) -> tuple[int, int, list]:
+    """Load a checkpoint -> (update step, data position in micro-batches, history).
+
+    The checkpoint's config must fit this run (the driver checks the same before any cluster time; this
+    catches a storage directory reused under another config)."""
+    check_resume(f"checkpoint {d}", load_config(d), cfg)
     student.load_state_dict(load_file(d / "model.safetensors", device=str(device)))
     teacher.model.load_state_dict(load_file(d / "teacher.safetensors", device=str(device)))
     opt.load_state_dict(torch.load(d / "optimizer.pt", map_location=device, weights_only=True))
     state = json.loads((d / "state.json").read_text())
-    return int(state["step"]), list(state.get("history", []))
+    step = int(state["step"])
+    return step, int(state.get("data_position", step * cfg.train.grad_accum)), list(state.get("history", []))
