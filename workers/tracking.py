@@ -92,17 +92,13 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def register_checkpoint(run_id: str, artifact_path: str, modality: str, tags: dict[str, str]) -> tuple[str, str]:
-    """New version of data2vec-<modality> from the run's logged checkpoint dir; alias 'candidate' -> it."""
-    c = client()
-    name = MODEL_NAME.format(modality=modality)
-    try:
-        c.get_registered_model(name)
-    except Exception:
-        c.create_registered_model(name, description=f"data2vec {modality} encoders pretrained by d2v")
-    mv = c.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
-    c.set_registered_model_alias(name, "candidate", mv.version)
-    return name, str(mv.version)
+def register_checkpoint(run_id: str, artifact_path: str, modality: str, tags: dict[str, str] | None = None,
+                        **kwargs) -> tuple[str, str]:
+    """New version of data2vec-<modality> (an MLflow pyfunc Model) from the run's logged checkpoint dir; alias
+    'candidate' -> it. See workers/registry/register.py (kwargs: local_dir, name)."""
+    from .registry.register import register_checkpoint as register
+
+    return register(run_id, artifact_path, modality, tags, **kwargs)
 
 
 class MetricLogger:

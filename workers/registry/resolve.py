@@ -1,8 +1,15 @@
-"""Where models live: local checkpoint directories and MLflow (`runs:/…`, `models:/name@alias`, `models:/name/3`)."""
+"""Where models live: local checkpoint directories and MLflow (`runs:/…`, `models:/name@alias`, `models:/name/3`).
+
+Two registered formats resolve to the same thing, a directory with `config.yaml` + `model.safetensors`:
+- an MLflow Model (pyfunc from code, see `pyfunc_model.py`): the files sit in its `artifacts/` folder;
+- an old-format version (registered before pyfunc models): the raw checkpoint directory itself.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from model.checkpoint import CONFIG_FILE, MODEL_FILE
 
 
 class ModelNotFound(FileNotFoundError):
@@ -27,9 +34,13 @@ def resolve_model(ref: str | Path) -> Path:
 
 
 def _checkpoint_dir(path: Path, ref: str) -> Path:
-    if (path / "config.yaml").is_file():
+    if (path / CONFIG_FILE).is_file():
         return path
-    found = sorted(p.parent for p in path.rglob("config.yaml") if (p.parent / "model.safetensors").is_file())
+    found = sorted(p.parent for p in path.rglob(CONFIG_FILE) if (p.parent / MODEL_FILE).is_file())
     if len(found) == 1:
         return found[0]
-    raise ModelNotFound(f"{ref}: {path} holds no d2v checkpoint (config.yaml + model.safetensors)")
+    hint = ""
+    if (path / "MLmodel").is_file():  # an MLflow Model that is not one of ours (or lost its artifacts)
+        hint = (" (it is an MLflow Model, but not a d2v encoder: re-register the training run's checkpoint with "
+                "`workers.registry.register_checkpoint(run_id, 'checkpoint', modality)`)")
+    raise ModelNotFound(f"{ref}: {path} holds no d2v checkpoint ({CONFIG_FILE} + {MODEL_FILE}){hint}")
