@@ -32,18 +32,17 @@ def _client():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def _train_worker_pids() -> list[int]:
-    """PIDs of Ray Train worker actors (not their DataLoader children, which share the process title)."""
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True, check=False)
-    pids = {int(p) for p in out.stdout.split()}
+def _train_worker_of_this_run() -> tuple[str, int] | None:
+    """(actor id, pid) of one live Ray Train worker actor of this driver's job on this node, from Ray's state
+    API (so another session's or an earlier run's workers on the machine are never touched); None if none."""
+    import ray
+    from ray.util.state import list_actors
 
-    def parent(pid: int) -> int:
-        try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return -1
-
-    return sorted(p for p in pids if parent(p) not in pids)
+    ctx = ray.get_runtime_context()
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+                                  ("job_id", "=", ctx.get_job_id()), ("node_id", "=", ctx.get_node_id())])
+    live = sorted((a.actor_id, a.pid) for a in actors if a.pid)
+    return live[-1] if live else None
 
 
 def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, mlflow_server, tmp_path, capfd):
@@ -53,7 +52,7 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
     _, shards = demo_shards("text")
     name = "resume-text"
     run_dir = tmp_path / name
-    killed = []
+    killed, errors = [], []
 
     def committed(step_dir: str) -> bool:  # Ray Train's controller lists a checkpoint once it is registered
         try:
@@ -62,13 +61,16 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
             return False
 
     def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not committed("step_00000004"):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not committed("step_00000004"):
             time.sleep(0.1)
-        pids = _train_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
+        try:
+            worker = _train_worker_of_this_run()
+            if worker:
+                os.kill(worker[1], signal.SIGKILL)
+                killed.append(worker)
+        except Exception as err:  # surfaces in the assert below instead of dying with the thread
+            errors.append(repr(err))
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
@@ -76,21 +78,32 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
                  "data.num_workers=1"]
     first = pretrain("text", shards, overrides=overrides, workers=2, run_name=name, storage=tmp_path)
     t.join(timeout=5)
-    assert killed, "no Train worker was found to kill"
+    assert killed, f"no Train worker of this run was found to kill {errors}"
     assert first["step"] == 16
     assert json.loads((run_dir / "step_00000016" / "state.json").read_text())["step"] == 16
-    assert "resumed from checkpoint at step" in capfd.readouterr().out
+    assert "resumed from checkpoint at step" in "".join(capfd.readouterr())  # progress: our console (stderr)
 
     overrides[0] = "train.max_steps=20"
     p, port = _pretrain_on_ray_head(["text", "--data", str(shards), "--workers", "2", "--run-name", name],
                                     overrides, {"D2V_STORAGE": str(tmp_path)}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f":{port}" in p.stderr and "Connected to Ray cluster" in p.stderr  # that cluster, not a new one
-    assert "resumed from checkpoint at step 16" in p.stdout + p.stderr
+    driver_log = (run_dir / "driver.log").read_text()  # Ray's own chatter goes here, not to the console
+    assert f":{port}" in driver_log and "Connected to Ray cluster" in driver_log  # that cluster, not a new one
+    assert "resumed from checkpoint at step 16" in p.stderr
+    # a console that reads like a product: each line once, no traceback, no Ray internals, a closing summary
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
+    assert "Traceback" not in p.stderr and "TrainingReport(" not in p.stderr and "RayTrainWorker" in driver_log
+    assert any(line.startswith("d2v pretrain: step 20/20") for line in lines), p.stderr[-2000:]
+    summary = lines[lines.index(next(line for line in lines if line.startswith("d2v pretrain: done:"))):]
+    assert [line.split()[0] for line in summary[1:]] == ["data", "checkpoint", "model", "MLflow", "log"], summary
+    version = json.loads(p.stdout.splitlines()[-1])["version"]
+    assert str(run_dir / "driver.log") in summary[-1] and f"(version {version})" in summary[3]
     second = json.loads(p.stdout.strip().splitlines()[-1])
     assert second["step"] == 20 and second["run_id"] == first["run_id"]
     assert json.loads((run_dir / "step_00000020" / "state.json").read_text())["step"] == 20
     c = _client()
+    assert c.get_run(second["run_id"]).data.tags["d2v.resume_1"] == "train.max_steps: 16 -> 20"  # recorded
     steps = [m.step for m in c.get_metric_history(second["run_id"], "loss")]
     assert steps[-1] == 20 and 16 in steps
     assert c.get_model_version_by_alias("data2vec-text", "candidate").version == second["version"]
@@ -102,18 +115,32 @@ def _pretrain_on_ray_head(args: list[str], overrides: list[str], env: dict, cwd:
     import shutil
     import tempfile
 
-    from tests.conftest import free_port
+    from tests.conftest import on_free_port, wait_for_start
 
-    port = free_port()
     ray_bin = str(Path(sys.executable).parent / "ray")
     # Ray >= 2.59 authenticates every client with a token: the cluster and the submitter share it
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **auth},
-    )
+
+    def start(port: int):
+        log = Path(temp_dir) / f"head-{port}.log"
+        with open(log, "wb") as out:
+            head = subprocess.Popen(
+                [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                 "--num-cpus=4", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **auth},
+            )
+        try:  # "Ray runtime started." comes after our GCS bound the port; a taken port fails the GCS grpc server
+            if wait_for_start(head, log, r"Ray runtime started\.",
+                              rf"Failed to start the grpc server\. The specified port is {port}\b", "ray head"):
+                return head
+        except BaseException:
+            _kill_session(head)
+            raise
+        _kill_session(head)
+        return None
+
+    port, head = on_free_port(start, "ray start --head")
     try:
         cmd = [sys.executable, "-m", "workers.cli", "pretrain", *args]
         for o in overrides:
@@ -121,11 +148,18 @@ def _pretrain_on_ray_head(args: list[str], overrides: list[str], env: dict, cwd:
         env = {**os.environ, **auth, **env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
         return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=600, check=False), port
     finally:
-        # the whole head (gcs, raylet, workers) shares the session started above; SIGKILL because
-        # `ray start --block` spends ~35 s on a graceful SIGTERM shutdown of a throwaway cluster
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=60)
+        _kill_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _kill_session(head: subprocess.Popen) -> None:
+    """The whole head (gcs, raylet, workers) shares the session `ray start` was started in; SIGKILL because
+    `ray start --block` spends ~35 s on a graceful SIGTERM shutdown of a throwaway cluster."""
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:  # a failed start already took its whole group down
+        pass
+    head.wait(timeout=60)
 
 
 def test_bad_config_and_data_fail_before_ray(tmp_path, demo_shards):
@@ -150,12 +184,12 @@ def test_bad_config_and_data_fail_before_ray(tmp_path, demo_shards):
     assert not (tmp_path / "runs").exists()
 
 
-def test_tracking_server_unreachable_fails_before_training(demo_shards, tmp_path, monkeypatch):
+def test_tracking_server_unreachable_fails_before_training(demo_shards, tmp_path, monkeypatch, refused_port):
     from workers.tracking import TrackingUnavailable
 
     _, shards = demo_shards("audio")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
-    with pytest.raises(TrackingUnavailable, match="127.0.0.1:9"):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{refused_port}")
+    with pytest.raises(TrackingUnavailable, match=f"127.0.0.1:{refused_port}"):
         pretrain("audio", shards, overrides=TINY_RUN, workers=1, run_name="x", storage=tmp_path)
     assert not (tmp_path / "x").exists()
 

@@ -292,6 +292,111 @@ def test_changed_inputs_refused_unless_overwrite(ray_local, vision_src, tmp_path
     assert _files(uri_dst) == _files(dst)
 
 
+# ---------------------------------------------------------------- one decode per input (in-process runner)
+
+def _serial(fn, specs):
+    """shard_media's task runner, in this process: monkeypatched decoders see every call."""
+    return (fn(*spec) for spec in specs)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """shard_media run in-process with decode_image counting its calls per input."""
+    from pipelines import shard_media
+
+    calls: list[int] = []
+    real = shard_media.decode_image
+    monkeypatch.setattr(shard_media, "_run_tasks", _serial)
+    monkeypatch.setattr(shard_media, "decode_image", lambda data, **kw: calls.append(1) or real(data, **kw))
+    return calls
+
+
+@pytest.mark.slow
+def test_vision_decodes_each_input_once(ray_local, vision_src, vision_out, counted, tmp_path):
+    """Fresh run: one decode per input, the same bytes as the Ray run, no parts left; resume decodes only
+    the chunk feeding a lost shard; a complete rerun decodes nothing."""
+    src, good, bad = vision_src
+    dst = tmp_path / "dst"
+    run_shard("vision", str(src), str(dst), samples_per_shard=8, max_image_pixels=BOMB_LIMIT)
+    assert len(counted) == len(good) + len(bad)
+    assert _files(dst) == _files(vision_out[0]) and not os.path.exists(dst / "_parts")
+    run_shard("vision", str(src), str(dst), samples_per_shard=8, max_image_pixels=BOMB_LIMIT)
+    assert len(counted) == len(good) + len(bad)  # nothing decoded again
+    os.remove(dst / "vision-000001.tar")  # the validation cache stays: only that shard's chunk is redone
+    stats = run_shard("vision", str(src), str(dst), samples_per_shard=8, max_image_pixels=BOMB_LIMIT)
+    redone = len(counted) - len(good) - len(bad)
+    assert 0 < redone < len(good) + len(bad) and stats["shards_written"] == 1  # chunks of 16 inputs
+    assert _files(dst) == _files(vision_out[0]) and not os.path.exists(dst / "_parts")
+
+
+@pytest.mark.slow
+def test_vision_interrupted_run_leaves_whole_shards_and_resumes(ray_local, vision_src, vision_out, counted,
+                                                                 monkeypatch, tmp_path):
+    """Killed during repack: no half-written shard under a final name; the rerun reuses the encoded parts."""
+    from pipelines import shard_media
+
+    src, good, bad = vision_src
+    real, written = shard_media._repack_task, []
+
+    def dies_after_two(index, *args):
+        if len(written) == 2:
+            raise KeyboardInterrupt("killed")
+        written.append(index)
+        return real(index, *args)
+
+    monkeypatch.setattr(shard_media, "_repack_task", dies_after_two)
+    dst = tmp_path / "dst"
+    with pytest.raises(KeyboardInterrupt):
+        run_shard("vision", str(src), str(dst), samples_per_shard=8, max_image_pixels=BOMB_LIMIT)
+    assert sorted(glob.glob(f"{dst}/*.tar")) == [f"{dst}/vision-{i:06d}.tar" for i in written]
+    assert not glob.glob(f"{dst}/*.tmp") and glob.glob(f"{dst}/_parts/*/part-*.tar")
+    monkeypatch.setattr(shard_media, "_repack_task", real)
+    stats = run_shard("vision", str(src), str(dst), samples_per_shard=8, max_image_pixels=BOMB_LIMIT)
+    assert len(counted) == len(good) + len(bad)  # the parts of the killed run were reused, not re-decoded
+    assert stats["shards_skipped"] == 2 and _files(dst) == _files(vision_out[0])
+    assert not os.path.exists(dst / "_parts")
+
+
+def test_repacked_shard_is_the_tar_tarfile_writes(tmp_path):
+    """Members copied out of a part + tar_end == tarfile writing the same members into a fresh archive;
+    a truncated part leaves neither a shard nor a temp file."""
+    import pyarrow.fs as pafs
+    import tarfile
+
+    from pipelines import shard_media
+    from pipelines.shard import Job
+
+    rng = np.random.default_rng(0)
+    members = [(f"k{i}/{'x' * (i * 40)}.{ext}", rng.bytes(int(rng.integers(0, 3000))))  # long names: PAX headers
+               for i in range(5) for ext in ("png", "json")]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    with tarfile.open(parts / "part-000000.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        offsets = []
+        for name, data in members:
+            offsets.append(tf.offset)
+            shard_media.add_member(tf, name, data)
+        offsets.append(tf.offset)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.PAX_FORMAT) as tf:  # members 2..7 only
+        for name, data in members[2:8]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
+                len(data), 0, 0o644, 0, 0, "", ""
+            tf.addfile(info, io.BytesIO(data))
+    job = Job("vision", pafs.LocalFileSystem(), "/", pafs.LocalFileSystem(), str(tmp_path / "dst"), {})
+    os.makedirs(job.dst)
+    keys = [f"k{i}/{'x' * (i * 40)}" for i in (1, 2, 3)]
+    shard_media._repack_task(0, job, str(parts), keys, ["png"] * 3, [(0, offsets[2], offsets[4]),
+                                                                    (0, offsets[4], offsets[8])])
+    assert (tmp_path / "dst/vision-000000.tar").read_bytes() == ref.getvalue()
+    data = (parts / "part-000000.tar").read_bytes()
+    (parts / "part-000000.tar").write_bytes(data[:offsets[6]])
+    with pytest.raises(ShardJobError, match="truncated"):
+        shard_media._repack_task(1, job, str(parts), keys, ["png"] * 3, [(0, offsets[2], offsets[8])])
+    assert sorted(os.listdir(job.dst)) == ["vision-000000.tar"]
+
+
 # ---------------------------------------------------------------- audio
 
 @pytest.mark.slow
@@ -331,20 +436,37 @@ def test_text_blocks_round_trip(ray_local, text_src, tmp_path):
     tok = load_tokenizer((dst / "tokenizer.json").read_text())
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
     blocks = [np.load(io.BytesIO(s["ids.npy"])) for s in samples]
+    metas = [json.loads(s["json"]) for s in samples]
     assert all(b.dtype == np.int32 and b.ndim == 1 for b in blocks)
-    assert [len(b) for b in blocks[:-1]] == [32] * (len(blocks) - 1) and 16 <= len(blocks[-1]) <= 32
-    assert [len(b) for b in blocks] == [r["length"] for r in man]
-    # decode the stream back: every complete document is exactly the normalised text, in sorted file order
-    stream = np.concatenate(blocks)
+    # fairseq TokenBlockDataset(tokens_per_sample - 1, break_mode=complete_doc): <s> + block <= 32 tokens,
+    # and a block never spans two documents: </s> (end of a document) can only be a block's last token
+    assert all(2 <= len(b) <= 31 for b in blocks) and max(len(b) for b in blocks) == 31
+    assert all(EOS_ID not in b[:-1] for b in blocks)
+    assert [len(b) for b in blocks] == [r["length"] for r in man] == [m["length"] for m in metas]
+    # every document comes back exactly, in sorted file order: blocks sit at their stream offsets; the
+    # only gaps are dropped blocks that would have held just a document's </s>
+    end = metas[-1]["offset"] + len(blocks[-1])
+    stream = np.full(end, -1, np.int64)
+    for b, m in zip(blocks, metas):
+        stream[m["offset"]:m["offset"] + len(b)] = b
+    gaps = np.flatnonzero(stream < 0)
+    assert len(gaps) == stats["text"]["dropped_tail_tokens"]
+    stream[gaps] = EOS_ID
     ends = np.flatnonzero(stream == EOS_ID)
     docs = [tok.decode(stream[a + 1 if i else 0:b].tolist(), skip_special_tokens=False)
             for i, (a, b) in enumerate(zip(np.r_[0, ends[:-1]], ends))]
     expected = [unicodedata.normalize("NFC", d) for d in DOCS["a.txt"] + DOCS["b/c.txt"] + DOCS["b/d.txt"]]
-    assert docs == expected[:len(docs)] and len(docs) >= len(expected) - 1
-    tail = tok.decode(stream[ends[-1] + 1:].tolist(), skip_special_tokens=False)
-    assert (expected[len(docs)] if len(docs) < len(expected) else "").startswith(tail.rstrip("\ufffd"))
-    # accounting: every input file is either used by a block or rejected, with a reason
-    used = {src_ for s in samples for src_ in json.loads(s["json"])["sources"]}
+    assert docs == expected and ends[-1] == end - 1
+    # a document shorter than a block is one block of its own (complete_doc, not packed with the next)
+    short = [i for i, d in enumerate(expected) if len(tok.encode(d, add_special_tokens=False).ids) + 1 <= 31]
+    assert short and stats["samples"] >= len(expected)
+    starts = {m["offset"] for m in metas}
+    for i in short:
+        first = 0 if i == 0 else ends[i - 1] + 1
+        block = blocks[[m["offset"] for m in metas].index(first)]
+        assert first in starts and block[-1] == EOS_ID and len(block) == ends[i] - first + 1
+    # accounting: every input file is used by a block or rejected, with a reason
+    used = {src_ for m in metas for src_ in m["sources"]}
     rejects = _rejects(dst)
     assert used == set(DOCS) and set(rejects) == set(bad)
     for rel, words in bad.items():
@@ -357,29 +479,30 @@ def test_text_blocks_round_trip(ray_local, text_src, tmp_path):
     assert (dst2 / "tokenizer.json").read_bytes() == (dst / "tokenizer.json").read_bytes()
     again = run_shard("text", str(src), str(dst), samples_per_shard=4, block_size=32, vocab_size=300)
     assert again["shards_skipped"] == again["num_shards"]
+    assert pq.read_table(f"{dst}/manifest.parquet").to_pylist() == man  # rebuilt from the skipped shards
 
 
 @pytest.mark.slow
-def test_text_file_lost_in_dropped_tail_is_rejected(ray_local, tmp_path):
-    """A file whose tokens all land in a final partial block of < 16 tokens is reported, not lost silently."""
+def test_text_short_document_is_its_own_block(ray_local, tmp_path):
+    """complete_doc: a short file's document is not packed into a block with another file's tokens."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("One document about tokens.\n\nAnother document about blocks.\n")
     (src / "zz.txt").write_text("Hi.\n")
     tok = train_bpe(decode.text_documents((src / "a.txt").read_bytes()), 300)
     (tmp_path / "tok.json").write_text(tok.to_str())
-    n_a = len(encode_documents(tok, decode.text_documents((src / "a.txt").read_bytes())))
-    n_zz = len(encode_documents(tok, ["Hi."]))
-    assert n_zz < 16
-    stats = run_shard("text", str(src), str(tmp_path / "dst"), block_size=n_a, tokenizer=str(tmp_path / "tok.json"))
-    assert stats["samples"] == 1 and stats["text"]["dropped_tail_tokens"] == n_zz
-    assert _rejects(tmp_path / "dst") == {"zz.txt": ("block", _rejects(tmp_path / "dst")["zz.txt"][1])}
-    assert "final partial block" in _rejects(tmp_path / "dst")["zz.txt"][1]
-    assert stats["inputs"] == stats["text"]["used_inputs"] + stats["rejects"] == 2
+    docs = decode.text_documents((src / "a.txt").read_bytes()) + ["Hi."]
+    want = [encode_documents(tok, [d]) for d in docs]  # each document's tokens + </s>
+    stats = run_shard("text", str(src), str(tmp_path / "dst"), block_size=sum(len(w) for w in want) + 1,
+                      tokenizer=str(tmp_path / "tok.json"))
+    got = [np.load(io.BytesIO(s["ids.npy"])) for s in _wds_samples(tmp_path / "dst")]
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]  # three blocks, one per document
+    assert stats["samples"] == 3 and stats["rejects"] == 0 and stats["text"]["dropped_tail_tokens"] == 0
+    assert stats["inputs"] == stats["text"]["used_inputs"] == 2
     # a single file is a valid input too
-    one = run_shard("text", str(src / "a.txt"), str(tmp_path / "one"), block_size=n_a,
+    one = run_shard("text", str(src / "a.txt"), str(tmp_path / "one"), block_size=64,
                     tokenizer=str(tmp_path / "tok.json"))
-    assert (one["inputs"], one["samples"], one["rejects"]) == (1, 1, 0)
+    assert (one["inputs"], one["samples"], one["rejects"]) == (1, 2, 0)
 
 
 def test_tokenizer_with_wrong_specials_is_refused(text_src, tmp_path):
@@ -395,6 +518,19 @@ def test_tokenizer_with_wrong_specials_is_refused(text_src, tmp_path):
 
 
 # ---------------------------------------------------------------- units (no Ray)
+
+def test_complete_doc_block_counts_match_the_blocks():
+    """The plan's per-piece block counts (stage 1) agree with the blocks the shard tasks cut."""
+    from pipelines.shard import _count_docs, _doc_blocks
+
+    room = 7
+    docs = [np.arange(n, dtype=np.int32) for n in (2, 6, 7, 8, 9, 14, 15, 16, 29)]  # 8, 15, 29: k*7 + 1
+    blocks = [b for d in docs for b in _doc_blocks(d, room)]
+    assert _count_docs(docs, room) == (sum(map(len, docs)), len(blocks), 3)
+    assert all(2 <= len(b) <= room for b in blocks)
+    assert [len(b) for b in _doc_blocks(docs[4], room)] == [7, 2]  # split inside the document, never merged
+
+
 
 def test_tokenizer_training_is_deterministic():
     docs = [f"sample {i} text with repeated words words words" for i in range(200)]

@@ -162,58 +162,102 @@ def bench_loader(warmup: int, runs: int) -> list[Row]:
     return [Row(**r) for r in rows(warmup, runs)]
 
 
-def bench_sharding(warmup: int, runs: int, n: int = 400) -> list[Row]:
-    """`d2v shard vision` on Ray Data vs a single-process decode+validate+encode+tar of the same files."""
-    import io
+def bench_sharding(warmup: int, runs: int, n: int = 20_000, n_rss: tuple[int, int] = (20_000, 100_000)) -> list[Row]:
+    """`d2v shard vision` on Ray vs one process doing the same decode+validate+encode+tar, and peak memory.
+
+    Rows: sharding_vs_single (n 32x32 PNGs, same files, same run, warm cluster: samples/s vs the one
+    process) and sharding_peak_rss_ratio_100k_vs_20k (peak summed RSS of driver + Ray processes of a whole
+    `run_shard` in a fresh process at n_rss[1] vs n_rss[0] tiny 16x16 PNGs)."""
     import shutil
-    import tarfile
     import tempfile
-    from pathlib import Path
 
-    import numpy as np
     import ray
-    from PIL import Image
 
+    from pipelines import manifest as mf
     from pipelines.decode import decode_image
     from pipelines.shard import run_shard
 
+    from .bench_data import peak_tree_rss, write_image_corpus
+
+    spp, rows = 1000, []
     with tempfile.TemporaryDirectory(prefix="d2v-bench-shard-") as tmp:
-        src = Path(tmp) / "src"
-        rng = np.random.default_rng(0)
-        for i in range(n):
-            d = src / f"class_{i % 10}"
-            d.mkdir(parents=True, exist_ok=True)
-            a = (rng.random((128, 160, 3)) * 255).astype(np.uint8)
-            Image.fromarray(a).save(d / f"{i:05d}.png")
-        files = sorted(src.rglob("*.png"))
+        src = write_image_corpus(os.path.join(tmp, "speed"), n, 32)
+        files = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, fs_ in os.walk(src) for f in fs_)
 
-        def single():
-            with tarfile.open(Path(tmp) / "single.tar", "w") as tar:
-                for f in files:
-                    data = decode_image(f.read_bytes()).encode()
-                    info = tarfile.TarInfo(f.stem + ".png")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        def single():  # what a one-process sharder does per input: read, decode+validate, encode, tar
+            def samples():
+                for rel in files:
+                    with open(os.path.join(src, rel), "rb") as f:
+                        s = decode_image(f.read())
+                    meta = {"source": rel, "label": os.path.dirname(rel), "length": None, **s.meta}
+                    yield rel[:-4], [(s.ext, s.encode()), ("json", mf.json_bytes(meta))]
+            it = samples()
+            for i in range(0, len(files), spp):
+                with open(os.path.join(tmp, f"single-{i // spp:06d}.tar"), "wb") as f:
+                    mf.write_tar(f, (next(it) for _ in range(min(spp, len(files) - i))))
 
-        t_single = median_time(single, 0, max(1, runs // 4))
         started = not ray.is_initialized()
         if started:
             ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, log_to_driver=False)
         try:
-            run_shard("vision", str(src), str(Path(tmp) / "warm"), samples_per_shard=50)  # warm the workers
-
             def sharded():
-                out = Path(tmp) / "dst"
+                out = os.path.join(tmp, "dst")
                 shutil.rmtree(out, ignore_errors=True)
-                run_shard("vision", str(src), str(out), samples_per_shard=50)
+                run_shard("vision", src, out, samples_per_shard=spp)
 
-            t_ray = median_time(sharded, 0, max(1, runs // 4))
+            sharded()  # warm-up: worker processes started, imports done
+            t_ray, t_single = median_times_interleaved([sharded, single], 0, max(1, runs // 4))
         finally:
             if started:
                 ray.shutdown()
-    cores = os.cpu_count() or 1
-    return [Row("sharding_vs_single", n / t_ray, n / t_single, t_single / t_ray, "samples/s", f"~{cores} (cores)",
-                f"{n} PNG 160x128 -> validated PNG shards; Ray Data on {cores} cores vs one process")]
+        cores = os.cpu_count() or 1
+        rows.append(Row("sharding_vs_single", n / t_ray, n / t_single, t_single / t_ray, "samples/s",
+                        f">= {0.9 * cores:.1f}", f"{n} PNG 32x32 -> {spp}-sample shards; Ray on {cores} cores "
+                        "(one decode per input) vs one process doing the same work"))
+        peaks = []
+        for k in n_rss:
+            print(f"[bench] sharding peak RSS at {k} files ...", file=sys.stderr, flush=True)
+            src_k = write_image_corpus(os.path.join(tmp, f"rss{k}"), k, 16)
+            code = f"from pipelines.shard import run_shard; run_shard('vision', {src_k!r}, {src_k + '-dst'!r}, " \
+                   f"samples_per_shard={spp})"
+            peak, wall = peak_tree_rss([sys.executable, "-c", code])
+            print(f"[bench] {k} files: peak RSS {peak / 2**20:.0f} MiB, {wall:.1f} s", file=sys.stderr, flush=True)
+            peaks.append(peak)
+            shutil.rmtree(os.path.join(tmp, f"rss{k}"))
+    rows.append(Row("sharding_peak_rss_ratio_100k_vs_20k", peaks[1] / 2**20, peaks[0] / 2**20, peaks[1] / peaks[0],
+                    "MiB", "<= 1.2", f"peak RSS of driver + Ray processes, whole `run_shard` in a fresh process: "
+                    f"{n_rss[1]} vs {n_rss[0]} PNG 16x16"))
+    return rows
+
+
+def bench_train_startup(warmup: int, runs: int) -> list[Row]:
+    """`d2v pretrain vision` (tiny, 2 Ray Train workers, local Ray started by the command) from submit to the
+    end of its first step, vs the same training started in a plain process (no Ray, no MLflow)."""
+    import tempfile
+
+    from pipelines.shard import run_shard
+
+    from .bench_data import time_to_line, write_image_corpus
+
+    overrides = ["train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2", "data.num_workers=1"]
+    with tempfile.TemporaryDirectory(prefix="d2v-bench-startup-") as tmp:
+        data = os.path.join(tmp, "shards")
+        run_shard("vision", write_image_corpus(tmp, 256, 32), data, samples_per_shard=64)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "D2V_STORAGE": f"{tmp}/runs"}
+        env.pop("RAY_ADDRESS", None)
+        sets = [a for o in overrides for a in ("--set", o)]
+        ours, out = time_to_line([sys.executable, "-m", "workers.cli", "pretrain", "vision", "--data", data,
+                                  "--workers", "2", *sets], "d2v pretrain: step 1/", env)
+        plain = ("import sys; from workers.pretrain import "
+                 "resolve_config, inspect_data; from workers.loader import build_loader; from workers.train import "
+                 "Hooks, train; cfg = resolve_config('vision', 'tiny', 'v1', sys.argv[2:]); "
+                 "info = inspect_data('vision', sys.argv[1]); train(cfg, lambda p: build_loader(cfg, info.shards, "
+                 "start_step=p, num_samples=info.num_samples), Hooks(progress=lambda s: print(s, flush=True)))")
+        ref, _ = time_to_line([sys.executable, "-c", plain, data, *overrides], "step 1/", env)
+    phases = [line.strip() for line in out.splitlines() if "startup:" in line]
+    return [Row("train_startup_s", ours, ref, ours / ref, "s", "report",
+                "submit -> first step: `d2v pretrain vision` tiny, 2 workers, local Ray vs the same training in a "
+                "plain process" + (f"; {'; '.join(phases)}" if phases else ""))]
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -255,6 +299,7 @@ BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
     "train_step_mfu": bench_train_step_mfu,
     "loader": bench_loader,
     "sharding": bench_sharding,
+    "train_startup": bench_train_startup,
     "train_steps": bench_train_steps,
 }
 

@@ -70,6 +70,83 @@ def write_bench_shards(root: str, kind: str, n: int, per_shard: int = 64, seed: 
     return paths
 
 
+def write_image_corpus(root: str, n: int, side: int, seed: int = 0) -> str:
+    """n small PNG files in 10 class folders (ImageNet layout) under root/src; returns that folder.
+
+    256 distinct images written round-robin: throughput and memory of the shard job do not depend on
+    the pixels, and encoding 100k PNGs just to create the corpus would dominate the benchmark."""
+    rng = np.random.default_rng(seed)
+    pool = [_image_bytes(rng, side, side, "PNG") for _ in range(256)]
+    src = os.path.join(root, "src")
+    for c in range(10):
+        os.makedirs(os.path.join(src, f"class_{c}"), exist_ok=True)
+    for i in range(n):
+        with open(os.path.join(src, f"class_{i % 10}", f"{i:07d}.png"), "wb") as f:
+            f.write(pool[i % len(pool)])
+    return src
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Sum of VmRSS over `pid` and all its descendants (Linux /proc; Ray's raylet, GCS and workers are
+    descendants of the driver that started them)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            pass
+    return total
+
+
+def peak_tree_rss(cmd: list[str], every: float = 0.05, env: dict | None = None) -> tuple[int, float]:
+    """Run cmd; → (peak summed RSS of its process tree in bytes, wall seconds). Raises if cmd fails."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty child never blocks on it
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, tree_rss_bytes(proc.pid))
+            time.sleep(every)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read()[-3000:]}")
+    return peak, time.perf_counter() - t0
+
+
+def time_to_line(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 600) -> tuple[float, str]:
+    """Run cmd to completion; → (seconds from start until an output line containing `marker`, full output)."""
+    import subprocess
+
+    t0, seen = time.perf_counter(), None
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:  # ends when the process closes its output (exits)
+        out.append(line)
+        if seen is None and marker in line:
+            seen = time.perf_counter() - t0
+        if time.perf_counter() - t0 > timeout:
+            proc.kill()
+            break
+    proc.wait()
+    if proc.returncode != 0 or seen is None:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode} without {marker!r}:\n{''.join(out)[-3000:]}")
+    return seen, "".join(out)
+
+
 # ------------------------------------------------------------------------------------------ timings
 def loader_rate(cfg: Config, shards: list[str], n: int, warmup: int, runs: int, batches: int) -> float:
     """Median samples/s over `runs` windows of `batches` batches, after `warmup` batches (worker start)."""

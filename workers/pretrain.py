@@ -18,6 +18,8 @@ from model.config import Config, ConfigError, apply_overrides
 from model.presets import get_preset
 
 from . import tracking
+from .console import RunConsole
+from .resume import ResumeConflict, check_resume, describe
 from .tracking import REPO_ROOT
 
 DEFAULT_STORAGE = REPO_ROOT / "runs"
@@ -102,10 +104,10 @@ def worker_entry(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     cfg = Config.from_yaml(config["cfg"])
-    logger = None
-    if rank == 0 and config.get("run_id"):
-        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
-        logger = tracking.MetricLogger(config["run_id"])
+    if rank == 0 and config.get("t_ray"):
+        print(f"[d2v rank 0] startup: Ray + worker group up {time.time() - config['t_ray']:.1f} s after ray.init "
+              "began", flush=True)
+    logger = _RankZeroLogger(config) if rank == 0 and config.get("run_id") else None
 
     def report(metrics: dict, ckpt_dir: str | None, name: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -121,13 +123,13 @@ def worker_entry(config: dict) -> None:
 
     hooks = Hooks(
         rank=rank, world_size=world, device=ray.train.torch.get_device(), prepare_model=prepare,
-        report=report, latest_checkpoint=latest, log_metrics=logger.log if logger else None,
+        report=report, latest_checkpoint=latest, log_metrics=logger.log if logger else None,  # waits for it
         progress=lambda s: print(f"[d2v rank {rank}] {s}", flush=True),
     )
     shards, n = config["shards"], config["num_samples"]
 
-    def batches_from(start: int):
-        return build_loader(cfg, shards, rank=rank, world_size=world, start_step=start, num_samples=n)
+    def batches_from(position: int):  # micro-batches consumed so far = the loader's batch index
+        return build_loader(cfg, shards, rank=rank, world_size=world, start_step=position, num_samples=n)
 
     tok = Path(config["tokenizer"]) if config.get("tokenizer") else None
     try:
@@ -136,6 +138,37 @@ def worker_entry(config: dict) -> None:
         if logger is not None:
             sent, dropped = logger.close()
             print(f"[d2v rank 0] MLflow metrics: {sent} points sent, {dropped} dropped", flush=True)
+
+
+class _RankZeroLogger:
+    """tracking.MetricLogger built in a thread: importing MLflow takes seconds, which then overlap with model
+    building, loader start and DDP set-up instead of delaying the first step. `log`/`close` wait for it."""
+
+    def __init__(self, config: dict):
+        import threading
+
+        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
+        self._made: dict = {}
+        self._thread = threading.Thread(target=self._make, args=(config["run_id"],), daemon=True)
+        self._thread.start()
+
+    def _make(self, run_id: str) -> None:
+        try:
+            self._made["logger"] = tracking.MetricLogger(run_id)
+        except BaseException as err:  # re-raised in the training thread at its first log call
+            self._made["error"] = err
+
+    def _get(self) -> tracking.MetricLogger:
+        self._thread.join()
+        if "error" in self._made:
+            raise self._made["error"]
+        return self._made["logger"]
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._get().log(metrics, step)
+
+    def close(self) -> tuple[int, int]:
+        return self._get().close()
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -150,7 +183,10 @@ def pretrain(
     run_name: str | None = None,
     storage: str | Path | None = None,
     register: bool = True,
+    verbose: bool = False,
 ) -> dict:
+    """Train and register; the console shows progress and Ray's chatter goes to the run's driver.log
+    (workers/console.py), unless `verbose`."""
     overrides = list(overrides or [])
     # 1. everything that can be wrong without a cluster
     cfg = resolve_config(modality, preset, version, overrides)
@@ -163,38 +199,61 @@ def pretrain(
     storage_path = _storage_path(storage)
 
     # 2. the MLflow run (resumed runs keep theirs)
-    run_id = _start_or_resume_run(cfg, info, run_name, modality)
+    run_id = _start_or_resume_run(cfg, info, run_name, modality, workers)
 
     # 3. Ray Train
     import ray
+
+    log_path = run_log_path(storage_path, run_name)
+    with RunConsole(log_path, verbose) as console:
+        t_ray, given = time.time(), os.environ.get("RAY_ADDRESS")
+        started_ray = _init_ray(workers)
+        console.attach()
+        how = ("connected to " + given if given else "started a local instance") if started_ray else "in use already"
+        print(f"d2v pretrain: ray: {how} ({time.time() - t_ray:.1f} s); Ray's log: {log_path}", file=sys.stderr,
+              flush=True)
+        try:
+            result = _fit(cfg, info, run_id, run_name, workers, gpus_per_worker, storage_path, t_ray)
+        finally:
+            if started_ray:
+                ray.shutdown()
+                os.environ.pop("RAY_ADDRESS", None)  # pinned by _init_ray to the cluster now gone
+        out = _finish(cfg, result, run_id, run_name, modality, info, register)  # MLflow's chatter: the log too
+    return {**out, "log": str(log_path)}
+
+
+def _fit(cfg: Config, info: DataInfo, run_id: str, run_name: str, workers: int, gpus_per_worker: float,
+         storage_path: str, t_ray: float | None = None):
+    """The Ray Train run: TorchTrainer over `worker_entry`, one CPU (and GPUs) per DDP rank."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    started_ray = _init_ray(workers)
-    try:
-        trainer = TorchTrainer(
-            worker_entry,
-            train_loop_config={
-                "cfg": cfg.to_yaml(), "shards": info.shards, "num_samples": info.num_samples,
-                "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
-                "tokenizer": str(info.tokenizer) if info.tokenizer else None,
-                "threads": max(1, (os.cpu_count() or 1) // workers) if gpus_per_worker == 0 else 4,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=workers, use_gpu=gpus_per_worker > 0,
-                resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
-            ),
-            run_config=RunConfig(
-                name=run_name, storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=3),
-            ),
-        )
-        result = trainer.fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
-    return _finish(cfg, result, run_id, run_name, modality, info, register)
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config={
+            "cfg": cfg.to_yaml(), "shards": info.shards, "num_samples": info.num_samples,
+            "run_id": run_id, "tracking_uri": tracking.tracking_uri(),
+            "tokenizer": str(info.tokenizer) if info.tokenizer else None,
+            "threads": max(1, (os.cpu_count() or 1) // workers) if gpus_per_worker == 0 else 4,
+            "t_ray": t_ray,  # rank 0 reports how long Ray and the worker group took to come up
+        },
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=gpus_per_worker > 0,
+            resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+    )
+    return trainer.fit()
+
+
+def run_log_path(storage_path: str, run_name: str) -> Path:
+    """<storage>/<run>/driver.log for local storage; runs/<run>/driver.log when storage is a URI."""
+    root = Path(storage_path) if "://" not in storage_path else DEFAULT_STORAGE
+    return root / run_name / "driver.log"
 
 
 def _storage_path(storage: str | Path | None) -> str:
@@ -213,24 +272,38 @@ def _init_ray(workers: int) -> bool:
         ray.init(address=address, runtime_env={"working_dir": str(REPO_ROOT), "excludes": _SHIP_EXCLUDES},
                  log_to_driver=True)
     else:
-        # each Train worker reserves a CPU; leave headroom for the loader and Ray's own tasks
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2, log_to_driver=True)  # dashboard: Train uses its state API
+        # Pin this cluster for every process of the job: Train's PlacementGroupCleaner actor queries the
+        # state API, which otherwise guesses among the local Ray instances ("Found multiple active Ray
+        # instances"). The dashboard stays: it serves that state API. Each Train worker reserves a CPU and
+        # the loader and Ray's own tasks need headroom.
+        port = _free_port()
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers) + 2, log_to_driver=True, dashboard_port=port,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # this process: no guessing either
     return True
+
+
+def _free_port() -> int:
+    """A loopback port free now (Ray's dashboard binds it a moment later)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 _SHIP_EXCLUDES = [".venv/", "data/", "runs/", "mlartifacts/", "mlflow.db", ".git/", "*.tar", "__pycache__/"]
 
 
-def _start_or_resume_run(cfg: Config, info: DataInfo, run_name: str, modality: str) -> str:
+def _start_or_resume_run(cfg: Config, info: DataInfo, run_name: str, modality: str, workers: int = 1) -> str:
     c = tracking.client()
     exp = tracking.experiment_id(f"d2v-{modality}")
     found = c.search_runs([exp], filter_string=f"tags.`d2v.run_name` = '{run_name}'", max_results=1)
     if found:
-        run_id = found[0].info.run_id
-        c.update_run(run_id, status="RUNNING")
-        return run_id
+        return _resume_run(c, found[0], cfg, info, run_name, workers)
     tags = {"d2v.run_name": run_name, "git_commit": tracking.git_commit(), "data_fingerprint": info.fingerprint,
-            "modality": modality, "preset": cfg.preset, "data": str(info.root), "mlflow.runName": run_name}
+            "modality": modality, "preset": cfg.preset, "data": str(info.root), "mlflow.runName": run_name,
+            "d2v.workers": str(workers)}
     run = c.create_run(exp, run_name=run_name, tags=tags)
     from mlflow.entities import Param
 
@@ -239,6 +312,33 @@ def _start_or_resume_run(cfg: Config, info: DataInfo, run_name: str, modality: s
         c.log_batch(run.info.run_id, params=params[i : i + 100])
     c.log_text(run.info.run_id, cfg.to_yaml(), "config.yaml")
     return run.info.run_id
+
+
+def _resume_run(c, run, cfg: Config, info: DataInfo, run_name: str, workers: int) -> str:
+    """Refuse a resume that would change the experiment (before any cluster time); record the allowed changes.
+
+    MLflow params cannot be overwritten, so resume N is recorded as tags `d2v.resumes` = N and
+    `d2v.resume_N` = "field: old -> new; ..." plus the config it ran with as artifact resume_N/config.yaml.
+    """
+    run_id, tags = run.info.run_id, run.data.tags
+    n = int(tags.get("d2v.resumes", "0")) + 1
+    latest = f"resume_{n - 1}/config.yaml" if n > 1 else "config.yaml"  # the config it last ran with
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            old = Config.from_yaml(Path(c.download_artifacts(run_id, latest, tmp)).read_text())
+    except Exception as err:  # noqa: BLE001 -- any store error means the check cannot be made
+        raise ResumeConflict(
+            f"run {run_name!r} ({run_id}): cannot read its {latest} artifact to check the resumed config "
+            f"against it ({type(err).__name__}: {err}); use another --run-name"
+        ) from None
+    extra = [("--workers", tags.get("d2v.workers", str(workers)), str(workers)),
+             ("--data fingerprint", tags.get("data_fingerprint", info.fingerprint), info.fingerprint)]
+    changes = check_resume(f"run {run_name!r}", old, cfg, extra)
+    c.set_tag(run_id, "d2v.resumes", str(n))
+    c.set_tag(run_id, f"d2v.resume_{n}", describe(changes) or "no config change")
+    c.log_text(run_id, cfg.to_yaml(), f"resume_{n}/config.yaml")
+    c.update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def _finish(cfg: Config, result, run_id: str, run_name: str, modality: str, info: DataInfo, register: bool) -> dict:
@@ -260,12 +360,12 @@ def _finish(cfg: Config, result, run_id: str, run_name: str, modality: str, info
     with result.checkpoint.as_directory() as d:
         d = Path(d)
         _log_curves(c, run_id, d)
-        c.log_artifacts(run_id, str(d), "checkpoint")
-    if register:
-        tags = {"modality": modality, "preset": cfg.preset, "data_fingerprint": info.fingerprint,
-                "run_name": run_name, "step": str(metrics.get("step", ""))}
-        name, version = tracking.register_checkpoint(run_id, "checkpoint", modality, tags)
-        out.update(model=f"models:/{name}@candidate", version=version)
+        c.log_artifacts(run_id, str(d), "checkpoint")  # the full training checkpoint, for resume/inspection
+        if register:  # an MLflow Model (pyfunc) of the student; the same weights again -> the same version
+            tags = {"modality": modality, "preset": cfg.preset, "version": cfg.version, "run_name": run_name,
+                    "data_fingerprint": info.fingerprint, "step": str(metrics.get("step", ""))}
+            name, version = tracking.register_checkpoint(run_id, "checkpoint", modality, tags, local_dir=d)
+            out.update(model=f"models:/{name}@candidate", version=version)
     c.set_terminated(run_id, status="FINISHED")
     return out
 
@@ -299,11 +399,28 @@ def _log_curves(c, run_id: str, ckpt: Path) -> None:
         c.log_artifact(run_id, str(p))
 
 
-def print_summary(out: dict) -> None:
+def print_summary(out: dict, data: str | Path | None = None) -> None:
+    """The JSON result on stdout; on stderr a short account of what was written where."""
     print(json.dumps(out, default=str))
     uri = tracking.tracking_uri()
-    print(
-        f"\nRegistered {out.get('model', '(not registered)')} (version {out.get('version', '-')}).\n"
-        f"Checkpoint: {out['checkpoint']}\nMLflow: {uri}  (browse with `make mlflow-ui`)",
-        file=sys.stderr,
-    )
+    run_url = _mlflow_run_url(uri, out.get("run_id"))
+    lines = [f"d2v pretrain: done: run {out.get('run_name')} reached step {out.get('step', '?')}"
+             + (f", loss {out['loss']:.4f}" if isinstance(out.get("loss"), float) else "")]
+    if data is not None:
+        lines.append(f"  data        {Path(data).resolve()}")
+    lines += [f"  checkpoint  {out['checkpoint']}",
+              f"  model       {out.get('model', '(not registered)')} (version {out.get('version', '-')})",
+              f"  MLflow      {run_url}",
+              f"  log         {out.get('log', '(console)')}"]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def _mlflow_run_url(uri: str, run_id: str | None) -> str:
+    """The run's page: on the tracking server, or on `make mlflow-ui` (port 5000) for the local sqlite store."""
+    try:
+        exp = tracking.client().get_run(run_id).info.experiment_id if run_id else None
+    except Exception:  # noqa: BLE001 -- the summary must not fail a finished run
+        exp = None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"{base}/#/experiments/{exp}/runs/{run_id}" if exp else base
+    return page if base == uri.rstrip("/") else f"{page}  (start the UI with `make mlflow-ui`; store {uri})"
