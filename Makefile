@@ -10,6 +10,7 @@ TORCH_CPU := torch==2.13.0
 
 MODALITY ?= vision
 PRESET ?= tiny
+VERSION ?= v1
 DATA ?= data/$(MODALITY)
 WORKERS ?= 2
 RUN_NAME ?=
@@ -48,7 +49,7 @@ gpu-check:
 pretrain: setup
 	$(VENV)/bin/d2v demo-data $(MODALITY) data/demo-$(MODALITY) --skip-existing
 	$(VENV)/bin/d2v shard $(MODALITY) --input data/demo-$(MODALITY)/pretrain --output $(DATA)
-	$(VENV)/bin/d2v pretrain $(MODALITY) --data $(DATA) --preset $(PRESET) --workers $(WORKERS) $(if $(RUN_NAME),--run-name $(RUN_NAME))
+	$(VENV)/bin/d2v pretrain $(MODALITY) --data $(DATA) --preset $(PRESET) --version $(VERSION) --workers $(WORKERS) $(if $(RUN_NAME),--run-name $(RUN_NAME))
 
 workflow: setup
 	$(VENV)/bin/d2v workflow $(MODALITY)

@@ -1,4 +1,5 @@
-"""`d2v evaluate` against a real MLflow server: probe accuracy, pooling with padding, tags, promotion, errors.
+"""`d2v evaluate` against a real MLflow server: probe accuracy, pooling with padding, tags, promotion, errors;
+the raw-input baseline against sklearn / librosa / PIL computed here from the files; fine-tuning that learns.
 
 Checkpoints are made without training: a random-init tiny encoder (informative features) and a
 "degenerate" one whose weights are all zero (every pooled feature identical -> exactly chance accuracy).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +18,17 @@ import torch
 
 from model.checkpoint import save_checkpoint
 from model.data2vec import Data2Vec
+from model.encoder import Encoder
 from model.presets import get_preset
 from workers.cli import main
 
 pytestmark = pytest.mark.slow
 
-KEYS = {"accuracy", "baseline_accuracy", "task", "model", "version", "modality", "num_train", "num_test", "classes",
-        "pooling", "data", "data_fingerprint", "promoted", "promotion_reason", "eval_run_id"}
+KEYS = {"accuracy", "baseline_accuracy", "raw_accuracy", "task", "model", "version", "modality", "num_train",
+        "num_test", "classes", "pooling", "data", "data_fingerprint", "promoted", "promotion_reason", "eval_run_id"}
 PROBE = "eval.linear-probe."
+PATTERNS = ("horizontal", "vertical", "checker")
+FT_EPOCHS = 20  # measured on the pattern task: 1.0 from a random head (batch 16), 0.92 with the CLI's recipe at 30
 
 
 def make_checkpoint(out: Path, modality: str = "vision", seed: int | None = 2) -> Path:
@@ -74,6 +79,30 @@ def audio_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def pattern_data(tmp_path_factory) -> Path:
+    """A task learnable by design: 32x32 RGB PNGs whose class is the pattern drawn (horizontal stripes,
+    vertical stripes, checkerboard), with random stripe width (3-4 px) and phase, random ink and paper
+    colours and pixel noise. 3 classes (chance 1/3), 32 train / 16 test pictures each. 8x8 grey pixels
+    cannot see 3-4 px stripes (raw_accuracy 0.44), nor can a random-init encoder's probe (0.33)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("eval-patterns") / "labelled"
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:32, :32]
+    for split, n in (("train", 32), ("test", 16)):
+        for cls in PATTERNS:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                half, phase = int(rng.integers(3, 5)), int(rng.integers(0, 8))
+                bands = {"horizontal": yy // half, "vertical": xx // half, "checker": yy // half + xx // half}[cls]
+                on = ((bands + phase) % 2 == 1)[..., None]  # (32, 32, 1)
+                ink, paper = rng.uniform(0, 110, 3), rng.uniform(145, 255, 3)
+                img = np.where(on, ink, paper) + rng.normal(0, 12, (32, 32, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / cls / f"{cls}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
 def register(mlflow_server, tmp_path_factory):
     """Factory: checkpoint dir -> version of data2vec-vision (logged as a run's artifacts, then registered)."""
     from workers import tracking
@@ -93,6 +122,55 @@ def register(mlflow_server, tmp_path_factory):
 def ckpts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-ckpts")
     return {"random": make_checkpoint(root / "random"), "zero": make_checkpoint(root / "zero", seed=None)}
+
+
+# ---------------------------------------------------- the raw-input baseline, computed here from the files
+def listed(root: Path, split: str) -> list[tuple[Path, int]]:
+    classes = sorted(d.name for d in (root / "train").iterdir())
+    return [(f, classes.index(c.name)) for c in sorted((root / split).iterdir()) for f in sorted(c.iterdir())]
+
+
+def sklearn_accuracy(featurize, root: Path, scale: bool = True) -> float:
+    """sklearn's LogisticRegression (after StandardScaler when `scale`) on featurize(train files, test files)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train, test = listed(root, "train"), listed(root, "test")
+    x_train, x_test = featurize([f for f, _ in train], [f for f, _ in test])
+    lr = LogisticRegression(max_iter=2000, random_state=0)
+    model = make_pipeline(StandardScaler(), lr) if scale else lr
+    return float(model.fit(x_train, [y for _, y in train]).score(x_test, [y for _, y in test]))
+
+
+def pixels_8x8(train: list[Path], test: list[Path]):
+    from PIL import Image
+
+    def grey(f: Path) -> np.ndarray:
+        return np.asarray(Image.open(f).convert("L").resize((8, 8), Image.BOX), dtype=np.float64).ravel()
+
+    return np.stack([grey(f) for f in train]), np.stack([grey(f) for f in test])
+
+
+def mfcc_mean_std(train: list[Path], test: list[Path]):
+    import librosa
+
+    def stats(f: Path) -> np.ndarray:
+        m = librosa.feature.mfcc(y=librosa.load(f, sr=16000)[0], sr=16000, n_mfcc=20)  # (20, frames)
+        return np.concatenate([m.mean(1), m.std(1)])
+
+    return np.stack([stats(f) for f in train]), np.stack([stats(f) for f in test])
+
+
+def tfidf_words(train: list[Path], test: list[Path]):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vec = TfidfVectorizer(token_pattern=r"(?u)\b\w+\b")
+    return vec.fit_transform([f.read_text() for f in train]), vec.transform([f.read_text() for f in test])
+
+
+def raw_reference_vision(root: Path) -> float:
+    return sklearn_accuracy(pixels_8x8, root)
 
 
 def client(uri: str):
@@ -122,6 +200,7 @@ def test_promotion_moves_champion_only_for_better_versions(capsys, mlflow_server
     tags = c.get_model_version(name, v_zero).tags
     assert float(tags[PROBE + "accuracy"]) == out["accuracy"]
     assert float(tags[PROBE + "baseline_accuracy"]) == out["baseline_accuracy"]
+    assert float(tags[PROBE + "raw_accuracy"]) == out["raw_accuracy"] == raw_reference_vision(vision_data)
     assert tags[PROBE + "data_fingerprint"] == out["data_fingerprint"]
     assert tags[PROBE + "run_id"] == out["eval_run_id"]
     assert tags[PROBE + "promotion"] == out["promotion_reason"]
@@ -130,7 +209,7 @@ def test_promotion_moves_champion_only_for_better_versions(capsys, mlflow_server
     assert run.data.tags["model.name"] == name and run.data.tags["model.version"] == v_zero
     assert run.data.tags["model.source_run_id"] == c.get_model_version(name, v_zero).run_id
     assert run.data.tags[PROBE + "promotion"] == out["promotion_reason"]
-    assert run.data.metrics == {"accuracy": out["accuracy"], "baseline_accuracy": out["baseline_accuracy"]}
+    assert run.data.metrics == {k: out[k] for k in ("accuracy", "baseline_accuracy", "raw_accuracy")}
     assert run.data.params["task"] == "linear-probe" and run.data.params["pooling"] == out["pooling"]
     assert run.data.params["data"] == str(vision_data.resolve())
 
@@ -212,18 +291,69 @@ def test_pooling_with_padding_matches_one_input_at_a_time(tmp_path, audio_data):
         assert len(lengths) > 2, "inputs must differ in length for this test to mean anything"
 
 
-def test_audio_probe_and_finetune(capsys, mlflow_server, tmp_path, audio_data, ckpts, vision_data):
+def test_audio_probe(capsys, mlflow_server, tmp_path, audio_data):
     ckpt = make_checkpoint(tmp_path / "audio", "audio")
     rc, out, err = d2v(capsys, "evaluate", ckpt, "--data", audio_data)
     assert rc == 0, err
     assert out["modality"] == "audio" and out["classes"] == ["high", "low"] and out["accuracy"] >= 0.75
     assert "frames" in out["pooling"]
+    assert out["raw_accuracy"] == sklearn_accuracy(mfcc_mean_std, audio_data)
 
-    rc, out, err = d2v(capsys, "evaluate", ckpts["random"], "--data", vision_data, "--task", "finetune", "--epochs", "1")
+
+def test_finetune_through_the_cli_learns_a_pattern_task(capsys, mlflow_server, ckpts, pattern_data):
+    """Both encoders here are random init, so both fine-tunes (the vision recipe: linear probe, then 30
+    epochs of 3 steps) must learn the task: >= 0.8 (chance 1/3)."""
+    rc, out, err = d2v(capsys, "evaluate", ckpts["random"], "--data", pattern_data, "--task", "finetune",
+                       "--epochs", 30)
     assert rc == 0, err
-    assert out["task"] == "finetune" and 0.0 <= out["accuracy"] <= 1.0 and 0.0 <= out["baseline_accuracy"] <= 1.0
+    assert out["task"] == "finetune" and out["accuracy"] >= 0.8 and out["baseline_accuracy"] >= 0.8
+    assert out["raw_accuracy"] == raw_reference_vision(pattern_data)
     params = client(mlflow_server).get_run(out["eval_run_id"]).data.params
-    assert params["finetune.epochs"] == "1" and params["task"] == "finetune"
+    assert params["finetune.epochs"] == "30" and params["task"] == "finetune"
+    assert params["finetune.layer_decay"] == "0.75"  # the vision recipe
+
+
+def test_finetune_from_a_random_head_learns_a_pattern_task(pattern_data):
+    """No linear-probe stage: a random-init encoder and a random head must learn the task by fine-tuning
+    alone, >= 0.8 test accuracy (chance 1/3), with the training loss falling along the way."""
+    from workers.evaluate import FINETUNE_PRESETS, finetune_accuracy, load_split, random_encoder
+
+    cfg = get_preset("vision", "tiny")
+    ft = replace(FINETUNE_PRESETS["vision"], epochs=FT_EPOCHS, probe_steps=0, batch_size=16)
+    losses: list[float] = []
+    acc = finetune_accuracy(random_encoder(cfg), cfg, load_split(pattern_data, "vision"), None, ft,
+                            torch.device("cpu"), on_epoch=lambda epoch, m: losses.append(m["loss"]))
+    assert acc >= 0.8, (acc, losses)
+    assert len(losses) == FT_EPOCHS and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_raw_baseline_matches_sklearn_on_the_files(tmp_path, vision_data, audio_data):
+    """raw_accuracy == LogisticRegression on 8x8 PIL grey pixels / librosa MFCC mean+std (standardised) /
+    sklearn TF-IDF, computed here from the files; the features themselves agree too."""
+    from workers.evaluate import RAW, load_split, raw_accuracy
+
+    text = tmp_path / "text"
+    rng = np.random.default_rng(0)
+    words = {"cats": ["purr", "whisker", "meow"], "dogs": ["bark", "fetch", "leash"], "fish": ["fin", "gill", "reef"]}
+    common = ["the", "a", "runs", "sleeps", "near", "house", "x", "7"]
+    for split, n in (("train", 12), ("test", 6)):
+        for cls, own in words.items():
+            (text / split / cls).mkdir(parents=True)
+            for i in range(n):  # mostly shared words, a few class words, some of another class: not trivially separable
+                other = words[list(words)[(list(words).index(cls) + 1) % 3]]
+                pick = list(rng.choice(common, 12)) + list(rng.choice(own, 2)) + list(rng.choice(other, 1))
+                (text / split / cls / f"{i}.txt").write_text(" ".join(rng.permutation(pick)))
+
+    for modality, root, ref, scale in (("vision", vision_data, pixels_8x8, True),
+                                       ("audio", audio_data, mfcc_mean_std, True), ("text", text, tfidf_words, False)):
+        split = load_split(root, modality)
+        assert raw_accuracy(split) == sklearn_accuracy(ref, root, scale), modality
+        files = [f for f, _ in split.train]
+        ours, theirs = RAW[modality].featurize(files, files)[0], ref(files, files)[0]
+        if modality == "text":
+            ours, theirs = ours.toarray(), theirs.toarray()
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3, err_msg=modality)
+
 
 
 def test_errors_name_the_thing_at_fault(capsys, mlflow_server, tmp_path, register, ckpts, vision_data, audio_data):
@@ -262,3 +392,66 @@ def test_errors_name_the_thing_at_fault(capsys, mlflow_server, tmp_path, registe
 
     assert "--promote" in fails(ckpts["random"], "--data", vision_data, "--promote")
     assert "--epochs" in fails(ckpts["random"], "--data", vision_data, "--epochs", "1")
+
+
+def test_layer_decay_groups_follow_beit():
+    """Each parameter's lr scale is BEiT's `layer_decay ** (depth + 1 - get_num_layer_for_vit(name))` (CLS,
+    patch embedding: layer 0; block i: i + 1; relative position table, final norm, head: depth + 1), the head
+    also times head_lr_mult; 1-D tensors, CLS and the position table get no weight decay."""
+    from workers.evaluate import ClassifierHead, FinetuneConfig
+    from workers.evaluate.finetune import param_groups
+
+    cfg = get_preset("vision", "tiny")
+    enc = Encoder(cfg.model)
+    head = ClassifierHead(cfg.model.trunk.dim, 10)
+    ft = FinetuneConfig(layer_decay=0.5, head_lr_mult=3.0, weight_decay=0.05)
+    scale, decay = {}, {}
+    for g in param_groups(enc, head, ft):
+        for p in g["params"]:
+            scale[id(p)], decay[id(p)] = g["lr_scale"], g["weight_decay"]
+    depth = cfg.model.trunk.depth  # 4
+    expect = {"frontend.cls_token": 0.5 ** 5, "frontend.patch_embed.weight": 0.5 ** 5,
+              "blocks.0.attn.qkv.weight": 0.5 ** 4, "blocks.3.mlp.fc1.weight": 0.5 ** 1,
+              "frontend.rel_pos.table": 1.0, "final_norm.weight": 1.0}
+    named = dict(enc.named_parameters())
+    for name, want in expect.items():
+        assert scale[id(named[name])] == pytest.approx(want), name
+    assert scale[id(head.fc.weight)] == 3.0 and decay[id(head.fc.weight)] == 0.05
+    for n, p in named.items():
+        no_decay = p.ndim <= 1 or "cls_token" in n or "rel_pos" in n
+        assert decay[id(p)] == (0.0 if no_decay else 0.05), n
+    assert len(scale) == len(named) + 4 and depth == 4  # + the head's norm and linear layer
+
+
+def test_schedule_is_transformers_cosine_with_warmup():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from workers.evaluate.finetune import lr_scale_at
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=7, num_training_steps=50)
+    for step in range(50):
+        assert lr_scale_at(step, 50, 7) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), step
+        opt.step()
+        sched.step()
+
+
+def test_linear_probe_stage_is_sklearns_logistic_regression():
+    """The LP stage of fine-tuning fits the head to the same optimum as sklearn's LogisticRegression (C=1,
+    i.e. sum of cross-entropies + |W|^2 / 2, intercept unpenalised) on the LayerNorm'd features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from workers.evaluate import ClassifierHead, FinetuneConfig
+    from workers.evaluate.finetune import fit_head
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 8)) + rng.normal(scale=0.6, size=(3, 8))[y]  # (N, D) overlapping classes
+    z = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)  # LayerNorm, no affine
+    want = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit(z, y).predict_proba(z)  # (N, C)
+    torch.manual_seed(0)
+    head = ClassifierHead(8, 3).double()
+    fit_head(head, torch.from_numpy(x), torch.from_numpy(y), FinetuneConfig(probe_steps=500))
+    got = torch.softmax(head(torch.from_numpy(x)), -1).detach().numpy()
+    assert 0.5 < (want.argmax(1) == y).mean() < 1.0  # overlapping classes: the penalty shapes the optimum
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -43,8 +43,12 @@ def check_registered(client, modality: str, pre: dict, storage: Path) -> None:
 
     import mlflow
 
-    cfg, _ = load_student(Path(mlflow.artifacts.download_artifacts(f"models:/{name}@candidate")))
+    uri = client.tracking_uri  # explicit: never whatever process-global URI an earlier call left behind
+    model = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@candidate", tracking_uri=uri, registry_uri=uri))
+    assert (model / "MLmodel").is_file(), "the alias names an MLflow Model (pyfunc), workers/registry"
+    cfg, _ = load_student(model / "artifacts")  # the files MLflow copied into the model
     assert cfg.model.modality == modality and cfg.train.max_steps == 6
+    assert (model / "artifacts" / "model.safetensors").read_bytes() == (final / "model.safetensors").read_bytes()
 
 
 def check_children(client, modality: str, statuses: set[str]) -> None:
@@ -83,9 +87,17 @@ def test_workflow_end_to_end_then_rerun_skips(modality, demo_shards, mlflow_serv
         assert state["pretrain"] == failed["pretrain"]  # not re-run after the failure
     pre, ev = state["pretrain"]["outputs"], state["evaluate"]["outputs"]
     check_registered(c, modality, pre, storage)
-    assert ev["version"] == pre["version"] and 0.0 <= ev["accuracy"] <= 1.0
+    assert ev["version"] == pre["version"]
+    # the probe of a 6-update model need not beat chance on these 10-40 test items (random-init probes measured
+    # 0.10-0.40 on the small audio split); what the stage promises is a score over this split's test files
+    # and, beside it, the raw-input baseline of a task built to be learnable: >= chance + 0.4 on every demo
+    # (measured 0.725 vision, 0.80 audio, 0.72 text)
+    num_test = sum(1 for f in (demo / "labelled" / "test").rglob("*") if f.is_file())
+    assert ev["num_test"] == num_test and ev["accuracy"] * num_test == pytest.approx(round(ev["accuracy"] * num_test))
+    assert ev["raw_accuracy"] >= 1 / len(ev["classes"]) + 0.4
     mv = c.get_model_version(f"data2vec-{modality}", ev["version"])
     assert float(mv.tags["eval.linear-probe.accuracy"]) == pytest.approx(ev["accuracy"])
+    assert float(mv.tags["eval.linear-probe.raw_accuracy"]) == ev["raw_accuracy"]
     assert mv.tags["eval.linear-probe.promotion"] == ev["promotion_reason"]
 
     recorded = json.loads(plan.state_file.read_text())

@@ -294,6 +294,61 @@ def bench_train_steps(warmup: int, runs: int) -> list[Row]:
     return rows
 
 
+def bench_embed_ray_vs_single(warmup: int, runs: int, n: int = 16_000, per_shard: int = 250) -> list[Row]:
+    """`d2v embed MODEL --data` (Ray Data, 2 actors, whole job incl. actor start-up, warm cluster) vs one process
+    embedding the same shards with the same code (embed_batch.embed_unit), best of 1 thread and every core."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from model.checkpoint import load_encoder, save_checkpoint
+    from model.data2vec import Data2Vec
+    from model.encoder import Encoder
+    from model.presets import get_preset
+
+    from .bench_data import write_bench_shards
+    from .embed_batch import embed_unit, list_units
+    from .embed_job import run_embed_job
+
+    with tempfile.TemporaryDirectory(prefix="d2v-bench-embed-") as tmp:
+        root, data = Path(tmp), Path(tmp) / "shards"
+        data.mkdir()
+        for p in write_bench_shards(str(data), "vision-tiny", n, per_shard=per_shard):  # 64x64 PNGs
+            os.rename(p, p.replace("vision-tiny-", "vision-"))
+        cfg = get_preset("vision", "tiny")
+        ckpt = save_checkpoint(root / "ckpt", cfg, Data2Vec(cfg.model), Encoder(cfg.model), state={"step": 0})
+        cfg, enc = load_encoder(ckpt)
+        units, cores = list_units(data, "vision"), os.cpu_count() or 1
+
+        def single(threads: int) -> Callable[[], None]:
+            def go() -> None:
+                torch.set_num_threads(threads)
+                for u in units:
+                    embed_unit(u, enc, cfg, None, root / "single", 32, "bench", torch.device("cpu"))
+                torch.set_num_threads(cores)
+            return go
+
+        def job() -> None:
+            run_embed_job(str(ckpt), data, root / f"ray-{time.monotonic_ns()}", batch_size=32, actors=2,
+                          progress=lambda _: None)
+
+        started = not ray.is_initialized()
+        if started:
+            ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False)
+        try:
+            job()  # warm-up: Ray Data and the worker processes' imports
+            t_ray, t_1, t_all = median_times_interleaved([job, single(1), single(cores)], 0, max(1, runs // 4))
+        finally:
+            if started:
+                ray.shutdown()
+    t_single = min(t_1, t_all)
+    return [Row("embed_ray_vs_single", n / t_ray, n / t_single, t_single / t_ray, "samples/s", ">= 1.6",
+                f"{n} PNG 64x64 in {per_shard}-sample shards, vision tiny, batch 32; Ray job incl. actor start-up "
+                f"vs one process (1 thread {n / t_1:.0f}/s, {cores} threads {n / t_all:.0f}/s: the faster is the "
+                "reference)")]
+
+
 BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
     "student_step_vs_hf": bench_student_vs_hf,
     "train_step_mfu": bench_train_step_mfu,
@@ -301,6 +356,7 @@ BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
     "sharding": bench_sharding,
     "train_startup": bench_train_startup,
     "train_steps": bench_train_steps,
+    "embed_ray_vs_single": bench_embed_ray_vs_single,
 }
 
 

@@ -51,18 +51,17 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
         return
     out = pretrain(
         a.modality, a.data, preset=a.preset, version=a.version, overrides=a.set, workers=a.workers,
-        gpus_per_worker=a.gpus_per_worker, run_name=a.run_name,
+        gpus_per_worker=a.gpus_per_worker, run_name=a.run_name, verbose=a.verbose,
     )
-    print_summary(out)
+    print_summary(out, a.data)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from .evaluate import FinetuneConfig, evaluate
+    from .evaluate import evaluate
 
     if a.epochs is not None and a.task != "finetune":
         raise CLIError("--epochs applies to --task finetune only")
-    ft = FinetuneConfig() if a.epochs is None else FinetuneConfig(epochs=a.epochs)
-    print(json.dumps(evaluate(a.model, data=a.data, task=a.task, promote=a.promote, finetune=ft)))
+    print(json.dumps(evaluate(a.model, data=a.data, task=a.task, promote=a.promote, epochs=a.epochs)))
 
 
 def cmd_workflow(a: argparse.Namespace) -> None:
@@ -80,6 +79,23 @@ def cmd_workflow(a: argparse.Namespace) -> None:
 
 
 def cmd_embed(a: argparse.Namespace) -> None:
+    if a.data is not None and a.inputs:
+        raise CLIError("give INPUT files (per-file states -> --out FILE.npz) or --data DIR (batch mode -> --out "
+                       "DIR of Parquet), not both")
+    if a.data is None and not a.inputs:
+        raise CLIError("nothing to embed: give INPUT files, or --data DIR for a shard set / folder")
+    if a.data is None and (a.batch_size is not None or a.actors is not None):
+        raise CLIError("--batch-size and --actors apply to the batch mode (--data DIR) only")
+    if a.data is not None:
+        from .embed_batch import EmbedJobError
+        from .embed_job import run_embed_job
+
+        try:
+            m = run_embed_job(a.model, a.data, a.out, batch_size=a.batch_size or 32, actors=a.actors or 2)
+        except EmbedJobError as err:
+            raise CLIError(str(err)) from None
+        print(json.dumps({"out": str(a.out), "model_version": m["model_version"], **m["counts"]}))
+        return
     from model.checkpoint import load_encoder
 
     from .embed import embed_files, save_npz
@@ -135,11 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("modality", choices=MODALITIES)
     s.add_argument("--data", required=True, help="shard directory written by `d2v shard`")
     s.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
-    s.add_argument("--version", choices=("v1",), default="v1")
+    s.add_argument("--version", choices=("v1", "v2"), default="v1")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     s.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     s.add_argument("--gpus-per-worker", type=float, default=0)
     s.add_argument("--run-name", default=None, help="same name = resume from its last checkpoint")
+    s.add_argument("--verbose", action="store_true",
+                   help="show Ray's full stream on the console (else it goes to <storage>/<run>/driver.log)")
     s.set_defaults(fn=cmd_pretrain, argv=None)
 
     s = sub.add_parser("evaluate", help="linear-probe or fine-tune accuracy on a labelled split; optional promotion")
@@ -148,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled split LABELLED/{train,test}/<class>/<file> (default: the demo corpus of the modality)")
     s.add_argument("--task", choices=("linear-probe", "finetune"), default="linear-probe")
     s.add_argument("--promote", action="store_true", help="move alias 'champion' here if it beats the champion")
-    s.add_argument("--epochs", type=int, default=None, help="finetune epochs (default 5)")
+    s.add_argument("--epochs", type=int, default=None, help="finetune epochs (default: the modality's recipe)")
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("workflow", help="shard -> pretrain -> register -> evaluate -> promote, skipping done stages")
@@ -162,10 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--task", choices=("linear-probe", "finetune"), default="linear-probe")
     s.set_defaults(fn=cmd_workflow)
 
-    s = sub.add_parser("embed", help="final-layer hidden states [T, D] per input, saved as .npz")
+    s = sub.add_parser("embed", help="final-layer hidden states [T, D] per input (.npz), or --data: pooled "
+                       "embeddings of a shard set as Parquet (Ray Data)")
     s.add_argument("model", help="checkpoint dir, runs:/..., or models:/name@alias")
-    s.add_argument("inputs", nargs="+", help="image / audio / .txt / .json / .npy files")
-    s.add_argument("--out", required=True, help="output .npz (one array per input, keyed by file stem)")
+    s.add_argument("inputs", nargs="*", help="image / audio / .txt / .json / .npy files")
+    s.add_argument("--out", required=True, help="output .npz (one array per input, keyed by file stem); with "
+                   "--data: output directory (one Parquet per shard, rejects.parquet, manifest.json)")
+    s.add_argument("--data", default=None, help="batch mode: a `d2v shard` output directory or a folder of files")
+    s.add_argument("--batch-size", type=int, default=None, help="batch mode: inputs per forward pass (default 32)")
+    s.add_argument("--actors", type=int, default=None, help="batch mode: Ray actors, one model each (default 2)")
     s.set_defaults(fn=cmd_embed)
 
     s = sub.add_parser("export", help="export a checkpoint as a Hugging Face Data2Vec*Model directory")
