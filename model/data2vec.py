@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .config import Config, ModelConfig
-from .encoder import Encoder
+from .encoder import Encoder, EncoderOutput
 from .layers import normal_init_
 from .targets import build_targets, regression_loss
 
@@ -108,13 +108,16 @@ def teacher_targets(
     else:
         inputs = batch.teacher_inputs if batch.teacher_inputs is not None else batch.inputs
         x, pad = teacher.features(inputs, batch.padding_mask)
-    out = teacher.context(x, pad, layer_output=cfg.targets.layer_output)
+    y, _ = layer_targets(teacher.context(x, pad, layer_output=cfg.targets.layer_output), cfg)  # (B, T, D)
+    return y[batch.mask]  # (N, D)
+
+
+def layer_targets(out: EncoderOutput, cfg: Config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher per-block outputs (prefix dropped) -> targets (B, T, D) and their padding mask (B, T) or None."""
     P = out.prefix_len
-    layers = [h[:, P:] for h in out.layers]  # each (B, T, D)
     pad_t = out.padding_mask[:, P:] if out.padding_mask is not None else None
     t = cfg.targets
-    y = build_targets(layers, t.top_k, t.layer_norm, t.final_norm, pad_t)  # (B, T, D)
-    return y[batch.mask]  # (N, D)
+    return build_targets([h[:, P:] for h in out.layers], t.top_k, t.layer_norm, t.final_norm, pad_t), pad_t
 
 
 def data2vec_loss(

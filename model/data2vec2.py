@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from .config import Config, ModelConfig, V2Config
-from .data2vec import Batch
+from .data2vec import Batch, layer_targets
 from .decoder import ConvDecoder, decoder_input
 from .encoder import Encoder, EncoderOutput
-from .targets import build_targets, regression_loss
+from .targets import regression_loss
 
 
 @dataclass
@@ -131,12 +131,7 @@ def teacher_targets_v2(
     else:
         x, pad = student_features
         x = x.detach()
-    out = teacher.context(x, pad, layer_output=cfg.targets.layer_output)
-    P = out.prefix_len
-    pad_t = out.padding_mask[:, P:] if out.padding_mask is not None else None
-    t = cfg.targets
-    y = build_targets([h[:, P:] for h in out.layers], t.top_k, t.layer_norm, t.final_norm, pad_t)  # (B, T, D)
-    return y, pad_t
+    return layer_targets(teacher.context(x, pad, layer_output=cfg.targets.layer_output), cfg)  # (B, T, D), (B, T)
 
 
 def data2vec2_loss(

@@ -89,8 +89,7 @@ def vision_large() -> Config:
         cfg,
         preset="vision-large",
         **{
-            "model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16,
-            "model.trunk.ffn_dim": 4096, "model.trunk.layer_scale_init": 1e-5, "model.trunk.drop_path": 0.2,
+            **LARGE_TRUNK, "model.trunk.layer_scale_init": 1e-5, "model.trunk.drop_path": 0.2,
             "model.trunk.attn_dropout": 0.15,
             "optim.lr": 1e-3, "optim.warmup_steps": 80 * spe, "train.max_steps": 800 * spe,
             "train.batch_size": 64,
@@ -192,7 +191,7 @@ def audio_large() -> Config:
     return _update(
         audio_base(),
         preset="audio-large",
-        **{"model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16, "model.trunk.ffn_dim": 4096},
+        **LARGE_TRUNK,
     )
 
 
@@ -267,7 +266,7 @@ def text_large() -> Config:
     return _update(
         text_base(),
         preset="text-large",
-        **{"model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16, "model.trunk.ffn_dim": 4096},
+        **LARGE_TRUNK,
     )
 
 
@@ -296,6 +295,9 @@ def text_tiny() -> Config:
 
 
 # ---------------------------------------------------------------------------------------------- api
+# The "Large" trunk every modality shares (ViT-L / wav2vec 2.0 Large / RoBERTa-large): 24 x 1024, 16 heads, FFN 4096.
+LARGE_TRUNK = {"model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16, "model.trunk.ffn_dim": 4096}
+
 _TINY_TRAIN = {
     "train.max_steps": 300, "train.batch_size": 16, "train.checkpoint_every": 100, "train.log_every": 10,
     "train.collapse_after": 100, "data.shuffle_buffer": 256,

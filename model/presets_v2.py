@@ -42,7 +42,7 @@ from .config import (
     TrunkConfig,
     V2Config,
 )
-from .presets import _TINY_TRAIN, _update
+from .presets import _TINY_TRAIN, LARGE_TRUNK, _update
 
 _L2 = LossConfig(kind="l2", dim_reduce="sum", scale="inv_sqrt_dim")  # loss_beta 0, loss_scale null -> 1/sqrt(D)
 
@@ -102,7 +102,7 @@ def vision_large() -> Config:
         vision_base(),
         preset="vision-large-v2",
         **{
-            "model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16, "model.trunk.ffn_dim": 4096,
+            **LARGE_TRUNK,
             "targets.top_k": 18, "masking.mask_prob": 0.75, "masking.mask_prob_adjust": 0.1,
             "v2.decoder.layers": 3, "v2.decoder.kernel": 5, "v2.decoder.width": 1024,
             "teacher.tau_steps": 150_000, "optim.lr": 4e-4, "train.batch_size": 8,
@@ -183,7 +183,7 @@ def audio_large() -> Config:
         audio_base(),
         preset="audio-large-v2",
         **{
-            "model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16, "model.trunk.ffn_dim": 4096,
+            **LARGE_TRUNK,
             "model.trunk.layerdrop": 0.0, "targets.top_k": 16, "v2.clone_batch": 12,
             "masking.mask_prob": 0.55, "masking.mask_prob_adjust": 0.1, "v2.decoder.width": 768,
             "teacher.tau0": 0.9997, "teacher.tau_end": 1.0, "teacher.tau_steps": 300_000,
@@ -267,7 +267,7 @@ def text_large() -> Config:
         text_base(),
         preset="text-large-v2",
         **{
-            "model.trunk.dim": 1024, "model.trunk.depth": 24, "model.trunk.heads": 16, "model.trunk.ffn_dim": 4096,
+            **LARGE_TRUNK,
             "targets.top_k": 24, "targets.layer_norm": "layer", "targets.final_norm": "instance",
             "masking.mask_prob": 0.5, "optim.lr": 1e-4, "train.max_steps": 600_000, "train.batch_size": 2,
         },

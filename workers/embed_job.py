@@ -42,6 +42,7 @@ def run_embed_job(model: str, data: str | Path, out: str | Path, *, batch_size: 
     from model.checkpoint import MODEL_FILE, load_config
 
     from .registry import resolve_model
+    from .registry.register import sha256
 
     if batch_size < 1 or actors < 1:
         raise EmbedJobError(f"--batch-size {batch_size} / --actors {actors}: both must be >= 1")
@@ -51,7 +52,7 @@ def run_embed_job(model: str, data: str | Path, out: str | Path, *, batch_size: 
     ckpt = resolve_model(model)
     cfg = load_config(ckpt)
     units = list_units(data, cfg.model.modality)
-    weights_sha = sha256_file(ckpt / MODEL_FILE)
+    weights_sha = sha256(ckpt / MODEL_FILE)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # temps of a run that was killed mid-write (never a finished file)
         stale.unlink(missing_ok=True)
@@ -127,14 +128,6 @@ def registry_version(model: str) -> str | None:
         return version or None
     except Exception:  # the ref resolved a moment ago; a registry hiccup only loses this label
         return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextmanager
