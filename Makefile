@@ -10,7 +10,8 @@ TORCH_CPU := torch==2.13.0
 
 MODALITY ?= vision
 PRESET ?= tiny
-VERSION ?= v1
+# VERSION empty: the modality's default data2vec version (model/presets.py DEFAULT_VERSION, `d2v pretrain --help`)
+VERSION ?=
 DATA ?= data/$(MODALITY)
 WORKERS ?= 2
 RUN_NAME ?=
@@ -49,10 +50,10 @@ gpu-check:
 pretrain: setup
 	$(VENV)/bin/d2v demo-data $(MODALITY) data/demo-$(MODALITY) --skip-existing
 	$(VENV)/bin/d2v shard $(MODALITY) --input data/demo-$(MODALITY)/pretrain --output $(DATA)
-	$(VENV)/bin/d2v pretrain $(MODALITY) --data $(DATA) --preset $(PRESET) --version $(VERSION) --workers $(WORKERS) $(if $(RUN_NAME),--run-name $(RUN_NAME))
+	$(VENV)/bin/d2v pretrain $(MODALITY) --data $(DATA) --preset $(PRESET) $(if $(VERSION),--version $(VERSION)) --workers $(WORKERS) $(if $(RUN_NAME),--run-name $(RUN_NAME))
 
 workflow: setup
-	$(VENV)/bin/d2v workflow $(MODALITY)
+	$(VENV)/bin/d2v workflow $(MODALITY) $(if $(VERSION),--version $(VERSION))
 
 mlflow-ui: setup
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -31,6 +31,7 @@ from torch import nn
 
 from .config import Config, ConfigError, validate
 from .data2vec import Data2Vec
+from .data2vec2 import Data2Vec2
 from .encoder import Encoder
 
 MODEL_FILE = "model.safetensors"
@@ -207,12 +208,13 @@ def load_weights(module: nn.Module, state: Mapping[str, torch.Tensor], path: Pat
         raise CheckpointError(f"{path}: weights do not fit config.yaml: {msg}") from None
 
 
-def load_student(dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Config, Data2Vec]:
-    """-> (cfg, the Data2Vec student with its saved weights), in training mode."""
+def load_student(dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Config, nn.Module]:
+    """-> (cfg, the student the training loop builds: Data2Vec, or Data2Vec2 with its decoder for version v2,
+    with its saved weights), in training mode."""
     dir = Path(dir)
     cfg = load_config(dir)
     path = _require(dir, MODEL_FILE)
-    model = Data2Vec(cfg.model)
+    model = Data2Vec2(cfg.model, cfg.v2) if cfg.version == "v2" else Data2Vec(cfg.model)
     load_weights(model, load_tensors(path, map_location), path)
     return cfg, model.to(map_location)
 

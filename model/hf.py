@@ -174,12 +174,90 @@ def export_hf(
     return Path(out_dir)
 
 
+def export_hf_ctc(
+    encoder: Encoder, cfg: Config, head_state: dict[str, torch.Tensor], out_dir: str | os.PathLike,
+    files: dict[str, str], **config: Any,
+) -> Path:
+    """A CTC fine-tuned audio encoder -> a HF `Data2VecAudioForCTC` directory: the encoder under
+    `data2vec_audio.`, the head's projection (model/ctc.py CtcHead `proj`) as `lm_head`, blank = pad id 0.
+    `files`: extra text files (the processor's, model/ctc.py `hf_processor_files`); `config`: extra HF
+    config fields (e.g. final_dropout, SpecAugment settings for further fine-tuning in HF)."""
+    if cfg.model.modality != "audio":
+        raise ValueError(f"a CTC model needs an audio encoder, not {cfg.model.modality}")
+    w, b = head_state["proj.weight"], head_state["proj.bias"]  # (V, D), (V,)
+    hf_cfg = _hf_config(cfg.model)
+    hf_cfg.update(architectures=["Data2VecAudioForCTC"], vocab_size=w.shape[0], pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, ctc_zero_infinity=True, dtype=str(w.dtype).removeprefix("torch."), **config)
+    state = {f"{_BASE_PREFIX['audio']}{k}": v for k, v in _to_hf_state(encoder.state_dict(), cfg.model).items()}
+    state.update({"lm_head.weight": w, "lm_head.bias": b})
+    with atomic_dir(out_dir, marker="config.json") as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        _save_safetensors(tmp / "model.safetensors", state)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out_dir)
+
+
+# fine-tuned classifiers: (modality, head kind) -> (HF architecture, our head's names -> HF's)
+_CLASSIFIERS = {
+    ("text", "sentence"): ("Data2VecTextForSequenceClassification", {
+        "dense.weight": "classifier.dense.weight", "dense.bias": "classifier.dense.bias",
+        "out_proj.weight": "classifier.out_proj.weight", "out_proj.bias": "classifier.out_proj.bias"}),
+    ("vision", "mean"): ("Data2VecVisionForImageClassification", {
+        "norm.weight": "data2vec_vision.pooler.layernorm.weight", "norm.bias": "data2vec_vision.pooler.layernorm.bias",
+        "fc.weight": "classifier.weight", "fc.bias": "classifier.bias"}),
+}
+
+
+def export_hf_classifier(
+    encoder: Encoder, cfg: Config, head_state: dict[str, torch.Tensor], head: str, classes: list[str],
+    out_dir: str | os.PathLike, tokenizer_json: str | os.PathLike | None = None,
+) -> Path:
+    """A fine-tuned classifier (model/heads.py) -> a HF directory whose logits equal ours (eval mode):
+    text + SentenceHead -> `Data2VecTextForSequenceClassification` (`classifier.dense/out_proj` on <s>);
+    vision + MeanPoolHead -> `Data2VecVisionForImageClassification` with `use_mean_pooling=True`: HF's final
+    `layernorm` is then Identity and its pooler LayerNorms the mean of the patch tokens, which is exactly our
+    head reading the last block before the final norm (BEiT fine-tuning drops the pretrained final norm), so
+    our `final_norm` weights are not exported. `classes` become id2label / label2id."""
+    m = cfg.model
+    if (m.modality, head) not in _CLASSIFIERS:
+        raise ConfigError(f"no Hugging Face classifier for a {m.modality} encoder with a {head!r} head (exported: "
+                          f"{sorted(_CLASSIFIERS)})")
+    arch, names = _CLASSIFIERS[(m.modality, head)]
+    hf_cfg = _hf_config(m)
+    labels = {str(i): str(c) for i, c in enumerate(classes)}
+    hf_cfg.update(architectures=[arch], id2label=labels, label2id={c: int(i) for i, c in labels.items()},
+                  problem_type="single_label_classification",
+                  dtype=str(next(encoder.parameters()).dtype).removeprefix("torch."))
+    enc_state = encoder.state_dict()
+    if m.modality == "vision":
+        hf_cfg["use_mean_pooling"] = True
+        enc_state = {k: v for k, v in enc_state.items() if not k.startswith("final_norm.")}
+    if m.modality == "text":
+        hf_cfg["classifier_dropout"] = None
+    state = {f"{_BASE_PREFIX[m.modality]}{k}": v for k, v in _to_hf_state(enc_state, m).items()}
+    state.update({names[k]: v for k, v in head_state.items()})
+    with atomic_dir(out_dir, marker="config.json") as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        _save_safetensors(tmp / "model.safetensors", state)
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
+            tok_cfg = _tokenizer_config(Path(tokenizer_json), m.frontend)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
 def _save_safetensors(path: Path, state: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(path), {"format": "pt"})
 
 
+_NO_EXPORT = ("no stock HF class holds this encoder exactly, so nothing was exported. The d2v checkpoint itself works "
+              "with `d2v embed`, `d2v evaluate` and the registry's MLflow model; data2vec v1 presets (all modalities) "
+              "and text v2 export to HF")
+
+
 def _unsupported(field: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{field}={value!r} cannot be exported to Hugging Face: {why}")
+    return ConfigError(f"{field}={value!r} cannot be exported to Hugging Face: {why}; {_NO_EXPORT}")
 
 
 def _hf_config(m: ModelConfig) -> dict[str, Any]:
@@ -187,8 +265,12 @@ def _hf_config(m: ModelConfig) -> dict[str, Any]:
     t, f = m.trunk, m.frontend
     want = {"vision": ("pre", False, None), "audio": ("post", True, False), "text": ("post", False, False)}
     norm_style, input_norm, final_norm = want[m.modality]
+    if getattr(f, "alibi", False):  # data2vec 2.0 speech
+        raise _unsupported("model.frontend.alibi", True, "HF Data2VecAudioModel has no ALiBi attention bias (data2vec "
+                           "2.0 speech adds -|i-j| x slope x a learned per-head scale to every block's logits)")
     if t.norm_style != norm_style:
-        raise _unsupported("model.trunk.norm_style", t.norm_style, f"HF {m.modality} blocks are {norm_style}-LN")
+        raise _unsupported("model.trunk.norm_style", t.norm_style,
+                           f"HF {ARCHITECTURE[m.modality]} blocks are {norm_style}-LN, these are {t.norm_style}-LN")
     if t.input_norm != input_norm:
         raise _unsupported("model.trunk.input_norm", t.input_norm, f"HF {m.modality} requires {input_norm}")
     if final_norm is not None and t.final_norm != final_norm:
@@ -199,6 +281,9 @@ def _hf_config(m: ModelConfig) -> dict[str, Any]:
         hidden_act="gelu", layer_norm_eps=t.ln_eps, initializer_range=m.init_std,
     )
     if m.modality == "vision":
+        if f.pos_embed != "none":  # HF's absolute embeddings are learned and cover CLS; not mapped here
+            raise _unsupported("model.frontend.pos_embed", f.pos_embed, "the HF export maps only the relative "
+                               "position bias, not a fixed absolute position table")
         return dict(
             common, image_size=f.image_size, patch_size=f.patch_size, num_channels=f.in_chans,
             use_mask_token=True, use_absolute_position_embeddings=False, use_relative_position_bias=False,
@@ -518,4 +603,4 @@ def export_checkpoint(
     return export_hf(enc, cfg, out_dir, tokenizer_json=tok if cfg.model.modality == "text" and tok.is_file() else None)
 
 
-__all__ = ["export_hf", "import_hf", "export_checkpoint", "import_checkpoint", "hf_name"]
+__all__ = ["export_hf", "export_hf_ctc", "import_hf", "export_checkpoint", "import_checkpoint", "hf_name"]

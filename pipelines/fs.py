@@ -17,6 +17,31 @@ import pyarrow.fs as pafs
 
 TMP_SUFFIX = ".tmp"  # `<final name>.tmp` while a file is being written; removed or replaced on rerun
 
+# The standard variables of the S3/GCS clients (which pyarrow's filesystems read: AWS_ENDPOINT_URL for MinIO
+# or any S3-compatible server) and of MLflow: what a job on a remote cluster needs to reach the same stores.
+CLUSTER_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "D2V_STORAGE",
+)
+# What a job's code upload (runtime_env working_dir) leaves out: environments, data, run outputs, VCS.
+SHIP_EXCLUDES = (".venv/", "data/", "runs/", "mlartifacts/", "mlflow.db", ".git/", "*.tar", "__pycache__/")
+
+
+def cluster_env() -> dict[str, str]:
+    """The variables of CLUSTER_ENV set here, for a Ray job's runtime_env env_vars."""
+    return {k: os.environ[k] for k in CLUSTER_ENV if os.environ.get(k)}
+
+
+def cluster_runtime_env(code_root: str) -> dict | None:
+    """runtime_env for a driver that connects to a running cluster: the code under `code_root` and the
+    variables of cluster_env(). None inside a job submitted through the Jobs API: it has both already, and
+    Ray refuses to merge a driver's runtime_env with the job's when they share fields."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job supervisor for the entrypoint
+        return None
+    return {"working_dir": code_root, "excludes": list(SHIP_EXCLUDES), "env_vars": cluster_env()}
+
 
 @dataclass(frozen=True)
 class Location:

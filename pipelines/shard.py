@@ -176,11 +176,12 @@ def _ray_session(address: str | None, log):
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")
-        if address and address.startswith(("http://", "https://")):
-            raise ValueError(f"RAY_ADDRESS={address} is a Ray Jobs address; run `d2v shard` inside a submitted job, "
-                             "or point RAY_ADDRESS at the cluster itself (host:6379 or ray://host:10001)")
-        if address:  # the cluster must import `pipelines`: image, or the submitting job's working_dir
-            ray.init(address=address)
+        if address and address.startswith(("http://", "https://")):  # `d2v shard` submits itself (workers/submit.py)
+            raise ValueError(f"RAY_ADDRESS={address} is a Ray Jobs address: run this through `d2v shard`, which "
+                             "submits it as a job there, or point RAY_ADDRESS at the cluster (host:6379)")
+        if address:  # the tasks import `pipelines` from this checkout, and reach the same stores as this shell
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            ray.init(address=address, runtime_env=fs.cluster_runtime_env(root))
         else:  # headroom: the driver and Ray Data's scheduling share the box with the tasks
             ray.init(num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False, runtime_env=_local_env())
         started = True

@@ -12,6 +12,7 @@ Rules these fixtures enforce for the whole suite (tests/test_suite.py checks the
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import socket
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -166,15 +168,11 @@ def ray_local():
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on loopback (sqlite backend, proxied artifacts); yields its URI.
-
-    MLFLOW_TRACKING_URI is set for the whole session so the driver, Ray workers and clients all use it.
-    """
+def start_mlflow_server(root: Path, artifacts: str) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on a free loopback port (sqlite backend in `root`, proxied artifacts in `artifacts`: a
+    folder or s3://...); returns (uri, process) once /health answers."""
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow")
     mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
 
     def start(port: int):
@@ -182,7 +180,7 @@ def mlflow_server(tmp_path_factory):
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+                 "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
                  "--workers", "1"],
                 stdout=log, stderr=subprocess.STDOUT, cwd=root,
             )
@@ -199,6 +197,26 @@ def mlflow_server(tmp_path_factory):
     uri = f"http://127.0.0.1:{port}"
     with urllib.request.urlopen(f"{uri}/health", timeout=10) as r:
         assert r.status == 200, f"mlflow server at {uri}: /health answered {r.status}"
+    return uri, proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on loopback (sqlite backend, proxied artifacts); yields its URI.
+
+    MLFLOW_TRACKING_URI is set for the whole session so the driver, Ray workers and clients all use it.
+    """
+    root = tmp_path_factory.mktemp("mlflow")
+    uri, proc = start_mlflow_server(root, str(root / "artifacts"))
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
@@ -208,11 +226,73 @@ def mlflow_server(tmp_path_factory):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = old
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+# ------------------------------------------------------------------------------------- object storage
+S3_BUCKET = "d2v-test"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    url: str  # what AWS_ENDPOINT_URL holds
+    bucket: str
+    log: Path  # the server's request log: one line per S3 call ("GET /bucket/key HTTP/1.1" 200)
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "d2v-test-key", "AWS_SECRET_ACCESS_KEY": "d2v-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """A real S3-compatible server (moto's `moto_server`) on loopback with bucket S3_BUCKET.
+
+    For the rest of the session the standard variables point at it (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), exactly as users point d2v at MinIO: d2v has no other
+    storage setting. Its request log (`.log`) shows which objects were read.
+    """
+    require("moto", "the S3-compatible server of the object-storage tests")
+    boto3 = require("boto3", "the independent S3 client that checks what d2v stored")
+    root = tmp_path_factory.mktemp("s3")
+    server_bin = os.path.join(os.path.dirname(sys.executable), "moto_server")
+
+    def start(port: int):
+        log_path = root / f"moto-{port}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([server_bin, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=root)
+        if wait_for_start(proc, log_path, rf"Running on http://127\.0\.0\.1:{port}\b",
+                          r"Address already in use", "moto_server"):
+            return proc, log_path
+        stop(proc)
+        return None
+
+    port, (proc, log_path) = on_free_port(start, "moto_server")
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", *S3_ENV)}
+    os.environ.update({"AWS_ENDPOINT_URL": url, **S3_ENV})
+    try:
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield S3Server(url, S3_BUCKET, log_path)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_s3_server(tmp_path_factory, s3_server) -> str:
+    """A second `mlflow server` whose artifacts live in the S3 server (s3://S3_BUCKET/mlartifacts), reached by
+    it through the AWS_* variables alone; yields its URI (MLFLOW_TRACKING_URI is left to the test)."""
+    root = tmp_path_factory.mktemp("mlflow-s3")
+    uri, proc = start_mlflow_server(root, f"s3://{s3_server.bucket}/mlartifacts")
+    try:
+        yield uri
+    finally:
+        stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -233,3 +313,131 @@ def demo_shards(tmp_path_factory, ray_local):
         return cache[modality]
 
     return get
+
+
+# ------------------------------------------------------------------------------------ two-node cluster
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # the GCS form of RAY_ADDRESS: 127.0.0.1:<port>
+    dashboard: str  # the Jobs API form: http://127.0.0.1:<port>
+    env: dict  # what every client of this cluster needs (its auth token) on top of os.environ
+    nodes: dict  # custom resource ("head", "node2") -> Ray node id
+    procs: dict  # "head" / "node2" -> the `ray start --block` process; each leads its own process group
+
+
+def _wait_for_job_agent(dashboard: str, token: str, temp_dir: str, timeout_s: float = 90) -> None:
+    """Until the head's job agent runs a trivial job: the dashboard answers before its agent registers, and a
+    loaded machine can take a minute more ("No available agent to submit job"). Fails with the agent's log."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(dashboard + path, data=data, headers=headers)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    deadline, job_id, last = time.monotonic() + timeout_s, None, ""
+    while time.monotonic() < deadline:
+        try:
+            if job_id is None:
+                job_id = call("/api/jobs/", {"entrypoint": "true"})["submission_id"]
+            status = call(f"/api/jobs/{job_id}")["status"]
+            if status == "SUCCEEDED":
+                return
+            if status in ("FAILED", "STOPPED"):
+                job_id, last = None, f"probe job {status}"
+        except (OSError, urllib.error.HTTPError, KeyError, ValueError) as err:
+            last = repr(err)
+        time.sleep(1)
+    logs = sorted(Path(temp_dir).glob("session_*/logs/dashboard_agent*.log"))
+    tail = logs[-1].read_text(errors="replace")[-3000:] if logs else "(no dashboard_agent log)"
+    raise RuntimeError(f"the head's Ray job agent never ran a job in {timeout_s:.0f} s ({last}); agent log:\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(tmp_path_factory) -> Iterator[RayCluster]:
+    """A real two-node Ray cluster on loopback: `ray start --head` (1 CPU, resource "head", dashboard + Jobs
+    API) and `ray start --address` (1 CPU, resource "node2"), with token authentication as Ray >= 2.59 sets
+    it up. One CPU per node: two Train workers (one CPU each) must land on different nodes.
+
+    The nodes' environment has no AWS_* / MLFLOW_* variables: whatever a job needs to reach storage and
+    tracking must travel with it (runtime_env env_vars), as on a real cluster. Killing a node = SIGKILL to
+    its process group (`procs[...]`); teardown does that for both, so no Ray process outlives the session.
+    """
+    import secrets
+    import shutil
+    import signal
+    import tempfile
+    import urllib.request
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    node_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
+    node_env.update(auth, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    procs: dict[str, subprocess.Popen] = {}
+
+    def kill(p: subprocess.Popen) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # gcs, raylet, dashboard, workers: the whole session of that node
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=60)
+
+    def launch(name: str, args: list[str], ready: str, taken: str):
+        log = Path(temp_dir) / f"{name}.log"
+        with open(log, "wb") as out:
+            p = subprocess.Popen([ray_bin, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                                  f"--resources={{\"{name}\": 1}}", "--disable-usage-stats",
+                                  # each node's agent its own HTTP port: the default (52365) is one per host,
+                                  # and the Jobs API needs the head's agent to have it
+                                  f"--dashboard-agent-listen-port={free_port()}", *args],
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=node_env)
+        try:
+            if wait_for_start(p, log, ready, taken, f"ray {name}"):
+                return p
+        except BaseException:
+            kill(p)
+            raise
+        kill(p)
+        return None
+
+    def start_head(port: int):
+        dash = free_port()
+        head = launch("head", ["--head", f"--port={port}", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+                               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+                      r"Ray runtime started\.", rf"Failed to start the grpc server\. The specified port is {port}\b")
+        return None if head is None else (head, dash)
+
+    def api(dashboard: str, path: str) -> dict:
+        req = urllib.request.Request(dashboard + path, headers={"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        port, (procs["head"], dash) = on_free_port(start_head, "ray start --head")
+        dashboard = f"http://127.0.0.1:{dash}"
+        procs["node2"] = launch("node2", [f"--address=127.0.0.1:{port}"], r"Ray runtime started\.",
+                                r"(?!)")  # binds no fixed port
+        deadline = time.monotonic() + 60
+        while True:  # both raylets registered, as the dashboard's state API sees them
+            try:
+                rows = api(dashboard, "/api/v0/nodes?limit=100&detail=true")["data"]["result"]["result"]
+            except OSError:
+                rows = []
+            nodes = {r: n["node_id"] for n in rows if n.get("state") == "ALIVE" for r in ("head", "node2")
+                     if r in (n.get("resources_total") or {})}
+            if len(nodes) == 2:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the two-node cluster did not come up: nodes {rows}; logs in {temp_dir}")
+            time.sleep(0.5)
+        _wait_for_job_agent(dashboard, auth["RAY_AUTH_TOKEN"], temp_dir)
+        yield RayCluster(f"127.0.0.1:{port}", dashboard, auth, nodes, procs)
+    finally:
+        for p in procs.values():
+            kill(p)
+        shutil.rmtree(temp_dir, ignore_errors=True)

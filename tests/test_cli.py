@@ -95,3 +95,41 @@ def test_cli_help_runs_as_console_script():
     out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT, check=True)
     for sub in ("demo-data", "shard", "pretrain", "embed", "export", "import"):
         assert sub in out.stdout
+
+
+# The version each modality pretrains with when none is given: the measured winner on its demo task
+# (README, Quality; helper measurements of `make pretrain` + `d2v evaluate`), recorded here as a decision.
+MEASURED_DEFAULT = {"vision": "v2", "audio": "v1", "text": "v1"}
+
+
+@pytest.mark.parametrize("argv, modality, version", [
+    *[([m], m, v) for m, v in MEASURED_DEFAULT.items()],  # no --version: the modality's default
+    (["vision", "--version", "v1"], "vision", "v1"),  # an explicit --version wins
+    (["audio", "--version", "v2"], "audio", "v2"),
+])
+def test_pretrain_version_default_per_modality(argv, modality, version, monkeypatch, tmp_path, capsys):
+    """`d2v pretrain MODALITY` without --version resolves the modality's default preset; the run stops at the
+    data check (no cluster), after the config is resolved."""
+    from model.presets import get_preset
+    from workers import pretrain as driver
+
+    resolved = []
+    real = driver.resolve_config
+    monkeypatch.setattr(driver, "resolve_config", lambda *a: resolved.append(real(*a)) or resolved[-1])
+    assert d2v("pretrain", *argv, "--data", tmp_path / "no-shards") == 2
+    assert "no-shards" in capsys.readouterr().err  # stopped at the data check, named the path
+    (cfg,) = resolved
+    assert cfg.version == version and cfg.preset == get_preset(modality, "tiny", version).preset
+
+
+def test_default_version_shown_and_used_by_make():
+    """`d2v pretrain --help` shows the table; `make pretrain` passes --version only when VERSION= is given."""
+    from workers.cli import build_parser
+
+    helptext = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
+    assert all(f"{m} {v}" in " ".join(helptext.split()) for m, v in MEASURED_DEFAULT.items())
+    dry = ["make", "-n", "--no-print-directory", "pretrain", "MODALITY=vision", "STAMP=Makefile"]
+    plain = subprocess.run(dry, capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "d2v pretrain vision" in plain and "--version" not in plain
+    given = subprocess.run([*dry, "VERSION=v1"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "--version v1" in given

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from model.checkpoint import load_student
+from model.presets import DEFAULT_VERSION, get_preset
 from workers.workflow import Plan, WorkflowError, run_workflow
 
 pytestmark = pytest.mark.slow
@@ -18,7 +19,7 @@ STEPS = ["train.max_steps=6", "train.checkpoint_every=3", "train.log_every=2", "
          "data.num_workers=1"]
 
 
-def check_registered(client, modality: str, pre: dict, storage: Path) -> None:
+def check_registered(client, modality: str, pre: dict, storage: Path, preset: str) -> None:
     """The pretrain stage wrote checkpoints and registered them, as an MlflowClient reads them back."""
     run_dir = storage / pre["run_name"]
     assert (run_dir / "step_00000003" / "model.safetensors").is_file()
@@ -33,7 +34,7 @@ def check_registered(client, modality: str, pre: dict, storage: Path) -> None:
     assert mv.version == pre["version"] and mv.run_id == pre["run_id"]
     run = client.get_run(pre["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["modality"] == modality and run.data.tags["preset"] == f"{modality}-tiny"
+    assert run.data.tags["modality"] == modality and run.data.tags["preset"] == preset
     assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["data_fingerprint"]
     assert run.data.params["train.max_steps"] == "6"
     assert [m.step for m in client.get_metric_history(pre["run_id"], "loss")] == [2, 4, 6]
@@ -86,7 +87,9 @@ def test_workflow_end_to_end_then_rerun_skips(modality, demo_shards, mlflow_serv
     if modality == "vision":
         assert state["pretrain"] == failed["pretrain"]  # not re-run after the failure
     pre, ev = state["pretrain"]["outputs"], state["evaluate"]["outputs"]
-    check_registered(c, modality, pre, storage)
+    # no version given: the workflow pretrains the modality's default version (presets.DEFAULT_VERSION)
+    assert plan.version is None and plan.resolved_version == DEFAULT_VERSION[modality]
+    check_registered(c, modality, pre, storage, get_preset(modality, "tiny", DEFAULT_VERSION[modality]).preset)
     assert ev["version"] == pre["version"]
     # the probe of a 6-update model need not beat chance on these 10-40 test items (random-init probes measured
     # 0.10-0.40 on the small audio split); what the stage promises is a score over this split's test files

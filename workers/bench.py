@@ -247,7 +247,7 @@ def bench_train_startup(warmup: int, runs: int) -> list[Row]:
         env.pop("RAY_ADDRESS", None)
         sets = [a for o in overrides for a in ("--set", o)]
         ours, out = time_to_line([sys.executable, "-m", "workers.cli", "pretrain", "vision", "--data", data,
-                                  "--workers", "2", *sets], "d2v pretrain: step 1/", env)
+                                  "--version", "v1", "--workers", "2", *sets], "d2v pretrain: step 1/", env)
         plain = ("import sys; from workers.pretrain import "
                  "resolve_config, inspect_data; from workers.loader import build_loader; from workers.train import "
                  "Hooks, train; cfg = resolve_config('vision', 'tiny', 'v1', sys.argv[2:]); "
@@ -349,6 +349,15 @@ def bench_embed_ray_vs_single(warmup: int, runs: int, n: int = 16_000, per_shard
                 "reference)")]
 
 
+def _v2_row(name: str) -> Callable[[int, int], list[Row]]:
+    """A data2vec 2.0 row from bench_v2.py, imported when run (that module imports this one)."""
+    def run(warmup: int, runs: int) -> list[Row]:
+        from . import bench_v2
+
+        return getattr(bench_v2, name)(warmup, runs)
+    return run
+
+
 BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
     "student_step_vs_hf": bench_student_vs_hf,
     "train_step_mfu": bench_train_step_mfu,
@@ -357,6 +366,9 @@ BENCHES: dict[str, Callable[[int, int], list[Row]]] = {
     "train_startup": bench_train_startup,
     "train_steps": bench_train_steps,
     "embed_ray_vs_single": bench_embed_ray_vs_single,
+    "v2_student_step_vs_v1": _v2_row("bench_v2_student_step"),
+    "v2_time_to_v1_accuracy": _v2_row("bench_v2_time_to_v1_accuracy"),
+    "ema_share": _v2_row("bench_ema_share"),
 }
 
 

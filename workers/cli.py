@@ -19,6 +19,11 @@ class CLIError(Exception):
 def cmd_demo_data(a: argparse.Namespace) -> None:
     from pipelines.demo import build_demo
 
+    if a.modality == "audio-asr":  # transcribed speech with label budgets for `d2v finetune --task asr`
+        from pipelines.demo_asr import build_asr
+
+        print(json.dumps(build_asr(a.out, seed=a.seed, size=a.size, skip_existing=a.skip_existing)))
+        return
     summary = build_demo(a.modality, a.out, seed=a.seed, skip_existing=a.skip_existing, size=a.size)
     print(json.dumps(summary))
 
@@ -39,21 +44,19 @@ def cmd_shard(a: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
-    import os
-
     from .pretrain import pretrain, print_summary
 
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith(("http://", "https://")):
-        from .submit import submit_job
-
-        submit_job(address, ["d2v", *sys.argv[1:]] if a.argv is None else a.argv)
-        return
     out = pretrain(
         a.modality, a.data, preset=a.preset, version=a.version, overrides=a.set, workers=a.workers,
-        gpus_per_worker=a.gpus_per_worker, run_name=a.run_name, verbose=a.verbose,
+        gpus_per_worker=a.gpus_per_worker, run_name=a.run_name, storage=a.storage, verbose=a.verbose,
     )
     print_summary(out, a.data)
+
+
+def cmd_register(a: argparse.Namespace) -> None:
+    from .outcome import register_run
+
+    print(json.dumps(register_run(a.run_name, storage=a.storage), default=str))
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
@@ -64,13 +67,25 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     print(json.dumps(evaluate(a.model, data=a.data, task=a.task, promote=a.promote, epochs=a.epochs)))
 
 
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from .finetune.job import finetune
+
+    out = finetune(a.model, a.task, data=a.data, overrides=a.set, workers=a.workers,
+                   gpus_per_worker=a.gpus_per_worker, baseline=a.baseline, run_name=a.run_name,
+                   storage=a.storage, verbose=a.verbose)
+    print(f"d2v finetune: {out['model']} (version {out['version']}): test {out['metric']} "
+          f"{out[out['metric']]:.4f}; MLflow run {out['run_id']}", file=sys.stderr, flush=True)
+    print(json.dumps(out, default=str))  # the last line: test metrics (+ baseline_*) and where things went
+
+
 def cmd_workflow(a: argparse.Namespace) -> None:
     from .workflow import Plan, run_workflow
 
     data = Path(a.data or f"data/{a.modality}").resolve()
     plan = Plan(a.modality, Path(a.input).resolve() if a.input else None, data,
                 Path(a.labelled).resolve() if a.labelled else None, preset=a.preset, overrides=a.set,
-                workers=a.workers, task=a.task)
+                workers=a.workers, task=a.task, version=a.version, finetune=a.finetune,
+                finetune_data=Path(a.finetune_data).resolve() if a.finetune_data else None)
     state = run_workflow(plan)
     print(json.dumps({k: {"status": v.get("status"), "fingerprint": v.get("fingerprint")} for k, v in state.items()}))
     ev = state.get("evaluate", {}).get("outputs", {})
@@ -114,7 +129,13 @@ def cmd_export(a: argparse.Namespace) -> None:
 
     from .registry import resolve_model
 
-    export_checkpoint(resolve_model(a.model), a.out)
+    from .finetune.export import export_finetuned, is_finetuned
+
+    ckpt = resolve_model(a.model)
+    if is_finetuned(ckpt):  # encoder + task head: the HF model of its task (ForSequenceClassification, ...)
+        export_finetuned(ckpt, a.out)
+    else:
+        export_checkpoint(ckpt, a.out)
     print(json.dumps({"exported": str(a.out), "format": a.format}))
 
 
@@ -125,13 +146,30 @@ def cmd_import(a: argparse.Namespace) -> None:
     print(json.dumps({"checkpoint": str(a.out)}))
 
 
+def cmd_transcribe(a: argparse.Namespace) -> None:
+    from .finetune import FinetuneError
+    from .finetune.transcribe import main_transcribe
+
+    try:
+        rows = main_transcribe(a.model, a.audio)
+    except FinetuneError as err:
+        raise CLIError(str(err)) from None
+    for path, text in rows:
+        print(f"{path}\t{text}")
+
+
 # ------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from model.presets import DEFAULT_VERSION  # the one table; main() imports model.config right after anyway
+
+    version_help = "data2vec version (default: per modality, " + ", ".join(
+        f"{m} {v}" for m, v in DEFAULT_VERSION.items()) + ")"
     p = argparse.ArgumentParser(prog="d2v", description="data2vec pretraining pipelines for vision, audio and text")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("demo-data", help="build an offline demo corpus in the real datasets' layout")
-    s.add_argument("modality", choices=MODALITIES)
+    s.add_argument("modality", choices=(*MODALITIES, "audio-asr"),
+                   help="audio-asr: transcribed demo speech (train-10min, train-1h, test) for --task asr")
     s.add_argument("out", help="output directory")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", choices=("small", "full"), default="full")
@@ -151,14 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("modality", choices=MODALITIES)
     s.add_argument("--data", required=True, help="shard directory written by `d2v shard`")
     s.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
-    s.add_argument("--version", choices=("v1", "v2"), default="v1")
+    s.add_argument("--version", choices=("v1", "v2"), default=None, help=version_help)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     s.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     s.add_argument("--gpus-per-worker", type=float, default=0)
     s.add_argument("--run-name", default=None, help="same name = resume from its last checkpoint")
+    s.add_argument("--storage", default=None, help="where the run's checkpoints go: a folder or s3://, gs:// "
+                   "URI reachable from every node (default: $D2V_STORAGE, else runs/)")
     s.add_argument("--verbose", action="store_true",
                    help="show Ray's full stream on the console (else it goes to <storage>/<run>/driver.log)")
-    s.set_defaults(fn=cmd_pretrain, argv=None)
+    s.set_defaults(fn=cmd_pretrain)
+
+    s = sub.add_parser("register", help="record a finished pretraining run in MLflow (metrics kept while the "
+                       "server was away, checkpoint, model version, FINISHED): what `d2v pretrain` exit 5 asks for")
+    s.add_argument("run_name", help="the --run-name of the finished run")
+    s.add_argument("--storage", default=None, help="the run's --storage (default: $D2V_STORAGE, else runs/)")
+    s.set_defaults(fn=cmd_register)
 
     s = sub.add_parser("evaluate", help="linear-probe or fine-tune accuracy on a labelled split; optional promotion")
     s.add_argument("model", help="checkpoint dir, runs:/..., models:/name@alias or models:/name/N")
@@ -169,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None, help="finetune epochs (default: the modality's recipe)")
     s.set_defaults(fn=cmd_evaluate)
 
+    s = sub.add_parser("finetune", help="fine-tune an encoder + task head on Ray Train; registers "
+                       "data2vec-<modality>-<task>@candidate")
+    s.add_argument("model", help="checkpoint dir, runs:/..., models:/name@alias or models:/name/N")
+    s.add_argument("--task", choices=("classify", "asr"), required=True)
+    s.add_argument("--data", default=None, help="labelled data: classify: LABELLED/{train,test}/<class>/<file> or "
+                   "a GLUE task dir (train.tsv, dev.tsv); asr: LibriSpeech layout (default: the modality's demo split)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fine-tuning recipe override (lr, epochs, batch_size, ...), repeatable")
+    s.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    s.add_argument("--gpus-per-worker", type=float, default=0)
+    s.add_argument("--baseline", action="store_true",
+                   help="also fine-tune a random-init encoder of the same config with the same recipe")
+    s.add_argument("--run-name", default=None, help="same name = resume from its last checkpoint")
+    s.add_argument("--storage", default=None, help="where the run's checkpoints go (default: $D2V_STORAGE, else runs/)")
+    s.add_argument("--verbose", action="store_true", help="show Ray's full stream on the console")
+    s.set_defaults(fn=cmd_finetune)
+
     s = sub.add_parser("workflow", help="shard -> pretrain -> register -> evaluate -> promote, skipping done stages")
     s.add_argument("modality", choices=MODALITIES)
     s.add_argument("--input", default=None, help="raw corpus (default: the demo corpus, built when missing)")
@@ -176,8 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labelled", default=None, help="labelled split for evaluation (default: the demo corpus's)")
     s.add_argument("--preset", choices=("tiny", "base", "large"), default="tiny")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
+    s.add_argument("--version", choices=("v1", "v2"), default=None, help=version_help)
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--task", choices=("linear-probe", "finetune"), default="linear-probe")
+    s.add_argument("--finetune", choices=("classify", "asr"), default=None,
+                   help="add a fine-tune stage after evaluation (`d2v finetune --task T`), promoted by its metric")
+    s.add_argument("--finetune-data", default=None, help="labelled data of the fine-tune stage (default: demo)")
     s.set_defaults(fn=cmd_workflow)
 
     s = sub.add_parser("embed", help="final-layer hidden states [T, D] per input (.npz), or --data: pooled "
@@ -201,17 +268,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("hf_dir")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_import)
+
+    s = sub.add_parser("transcribe", help="a CTC fine-tuned speech model's transcripts: FILE<TAB>TEXT per file")
+    s.add_argument("model", help="fine-tuned checkpoint dir, runs:/..., or models:/data2vec-audio-asr@candidate")
+    s.add_argument("audio", nargs="+", help="audio files (.flac, .wav, ...), 16 kHz or resampled")
+    s.set_defaults(fn=cmd_transcribe)
     return p
+
+
+def _runs_on_ray(a: argparse.Namespace) -> bool:
+    """The stages that need a Ray cluster (the others run here whatever RAY_ADDRESS says)."""
+    return a.command in ("shard", "pretrain", "workflow", "finetune") or (a.command == "embed" and a.data is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .submit import JobFailed, jobs_address
+
+    if jobs_address() and _runs_on_ray(args):  # RAY_ADDRESS=http://head:8265: the same command, as a Ray job
+        from .submit import submit_job
+
+        try:
+            submit_job(jobs_address(), sys.argv[1:] if argv is None else list(argv))
+        except JobFailed as err:
+            print(f"d2v {args.command}: error: {err}", file=sys.stderr)
+            return err.exit_code or 1
+        except ConnectionError as err:  # no Jobs API there (JobSubmissionClient checks at once)
+            print(f"d2v {args.command}: error: cannot reach the Ray Jobs API at RAY_ADDRESS={jobs_address()!r}: "
+                  f"{err}", file=sys.stderr)
+            return 2
+        except RuntimeError as err:  # the Jobs API refused the submission (its message says why)
+            print(f"d2v {args.command}: error: RAY_ADDRESS={jobs_address()!r} refused the job: {err}", file=sys.stderr)
+            return 2
+        return 0
     from model.config import ConfigError
 
     from .embed import InputError
     from .evaluate import EvaluationError
+    from .finetune import FinetuneError
     from .pretrain import DataError
+    from .resume import AlreadyComplete, FailuresExhausted, RecordPending
     from .tracking import TrackingUnavailable
     from .train import TrainingStopped
     from .workflow import WorkflowError
@@ -219,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except (CLIError, ConfigError, InputError, FileNotFoundError, FileExistsError, DataError,
-            TrackingUnavailable, EvaluationError) as err:
+            TrackingUnavailable, EvaluationError, FinetuneError) as err:
         print(f"d2v {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ConnectionError as err:  # ray.init could not reach RAY_ADDRESS
@@ -232,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as err:
         print(f"d2v {args.command}: training stopped: {err}", file=sys.stderr)
         return 3
+    except FailuresExhausted as err:  # exit codes: workers/resume.py EXIT_CODES
+        print(f"d2v {args.command}: error: {err}", file=sys.stderr)
+        return 4
+    except RecordPending as err:
+        print(f"d2v {args.command}: not recorded: {err}", file=sys.stderr)
+        return 5
+    except AlreadyComplete as err:
+        print(f"d2v {args.command}: nothing to do: {err}", file=sys.stderr)
+        return 6
     return 0
 
 

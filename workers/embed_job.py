@@ -139,12 +139,15 @@ def ray_session(actors: int = 1) -> Iterator[Any]:
     if started:
         address = os.environ.get("RAY_ADDRESS") or None
         if address and address.startswith(("http://", "https://")):
-            raise EmbedJobError(f"RAY_ADDRESS={address} is a Ray Jobs address; point it at the cluster itself "
-                                "(host:6379 or ray://host:10001)")
+            raise EmbedJobError(f"RAY_ADDRESS={address} is a Ray Jobs address: run this through `d2v embed --data`, "
+                                "which submits it as a job there, or point RAY_ADDRESS at the cluster (host:6379)")
         root = str(Path(__file__).resolve().parents[1])  # workers of a local instance import this checkout
         env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}}
         local = {"runtime_env": env, "num_cpus": max(os.cpu_count() or 1, actors) + 1}  # +1: Ray Data's own tasks
-        ray.init(address=address, include_dashboard=False, **({} if address else local))
+        from pipelines.fs import cluster_runtime_env
+
+        remote = {"runtime_env": cluster_runtime_env(root)}  # the code and storage/tracking variables
+        ray.init(address=address, include_dashboard=False, **(remote if address else local))
     ctx = ray.data.DataContext.get_current()
     bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # our progress lines replace them
     try:

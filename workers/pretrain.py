@@ -11,31 +11,21 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from model.config import Config, ConfigError, apply_overrides
-from model.presets import get_preset
+from model.presets import default_version, get_preset
+from pipelines.fs import cluster_runtime_env
 
 from . import tracking
 from .console import RunConsole
-from .resume import ResumeConflict, check_resume, describe
+from .outcome import end_run, raise_if_failures_exhausted, raise_if_tracking_lost, refuse_if_complete
+from .resume import ResumeConflict, check_resume, describe, list_checkpoints, newest_whole, next_name
+from .storage import DataError, DataInfo, inspect_data  # noqa: F401 (re-exported: the driver's API)
+from .storage import display, local_copy, read_text
 from .tracking import REPO_ROOT
 
 DEFAULT_STORAGE = REPO_ROOT / "runs"
-
-
-class DataError(ValueError):
-    """The shard directory does not fit the run (missing manifest, wrong modality, no tokenizer...)."""
-
-
-@dataclass
-class DataInfo:
-    root: Path
-    shards: list[str]
-    num_samples: int
-    fingerprint: str
-    tokenizer: Path | None
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -44,42 +34,13 @@ def resolve_config(modality: str, preset: str, version: str, overrides: list[str
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def inspect_data(modality: str, data: str | Path) -> DataInfo:
-    """Read DST/stats.json + manifest; errors name the path at fault and what to do."""
-    root = Path(data).resolve()
-    hint = f"run `d2v shard {modality} --input SRC --output {data}` first"
-    if not root.is_dir():
-        raise DataError(f"--data {data}: no such directory; {hint}")
-    stats_path, manifest = root / "stats.json", root / "manifest.parquet"
-    for p in (stats_path, manifest):
-        if not p.is_file():
-            raise DataError(f"--data {data}: {p.name} is missing, so this is not a finished shard set; {hint}")
-    try:
-        stats = json.loads(stats_path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{stats_path}: unreadable ({err}); re-run the shard job") from None
-    if stats.get("modality") != modality:
-        raise DataError(f"{stats_path}: shards are {stats.get('modality')!r} data, not {modality!r}")
-    shards = sorted(str(p) for p in root.glob(f"{modality}-*.tar"))
-    if not shards:
-        raise DataError(f"--data {data}: no {modality}-*.tar shards; {hint}")
-    n = int(stats.get("samples", 0))
-    if n <= 0:
-        raise DataError(f"{stats_path}: the shard set has no samples (see rejects.parquet for why)")
-    tok = root / "tokenizer.json"
-    if modality == "text" and not tok.is_file():
-        raise DataError(f"--data {data}: text shards need tokenizer.json beside them; re-run the shard job")
-    fp = str(stats.get("fingerprint") or stats.get("input_fingerprint") or "")
-    return DataInfo(root, shards, n, fp, tok if modality == "text" else None)
-
-
 def fit_config_to_data(cfg: Config, info: DataInfo, overrides: list[str]) -> Config:
     """Text: the vocabulary size comes from the tokenizer (unless the user set it, which must then agree)."""
     if info.tokenizer is None:
         return cfg
     from tokenizers import Tokenizer
 
-    vocab = Tokenizer.from_file(str(info.tokenizer)).get_vocab_size()
+    vocab = Tokenizer.from_str(read_text(info.tokenizer)).get_vocab_size()  # local or object store
     if any(o.startswith("model.frontend.vocab_size=") for o in overrides):
         if cfg.model.frontend.vocab_size < vocab:
             raise ConfigError(
@@ -107,15 +68,31 @@ def worker_entry(config: dict) -> None:
     if rank == 0 and config.get("t_ray"):
         print(f"[d2v rank 0] startup: Ray + worker group up {time.time() - config['t_ray']:.1f} s after ray.init "
               "began", flush=True)
-    logger = _RankZeroLogger(config) if rank == 0 and config.get("run_id") else None
+    placement = _placement(rank, world)  # every rank: which node it runs on; rank 0 records them all
+    print(f"[d2v rank {rank}] on node {placement[rank]['node_id']}", flush=True)
+    logger = _RankZeroLogger(config, _placement_tags(placement)) if rank == 0 and config.get("run_id") else None
 
     def report(metrics: dict, ckpt_dir: str | None, name: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
+    existing: set[str] = set()  # checkpoint names in storage when this attempt started (new ones avoid them)
+
     def latest():
         c = ray.train.get_checkpoint()
-        return c.as_directory() if c is not None else None
+        if c is None:
+            return None
+        run_dir, newest = c.path.rsplit("/", 1)
+        existing.update(list_checkpoints(c.filesystem, run_dir))
+        name, skipped = newest_whole(c.filesystem, run_dir, newest)  # a torn newest one: the one before it
+        for bad, why in skipped:
+            if rank == 0:
+                print(f"[d2v rank 0] skipping checkpoint {bad}: {why}; falling back to the one before it", flush=True)
+        if name is None:
+            if rank == 0:
+                print("[d2v rank 0] no whole checkpoint left in storage; starting from step 0", flush=True)
+            return None
+        return ray.train.Checkpoint(f"{run_dir}/{name}", filesystem=c.filesystem).as_directory()
 
     def prepare(m):
         kw = {"find_unused_parameters": cfg.model.trunk.layerdrop > 0}
@@ -125,41 +102,81 @@ def worker_entry(config: dict) -> None:
         rank=rank, world_size=world, device=ray.train.torch.get_device(), prepare_model=prepare,
         report=report, latest_checkpoint=latest, log_metrics=logger.log if logger else None,  # waits for it
         progress=lambda s: print(f"[d2v rank {rank}] {s}", flush=True),
+        checkpoint_name=lambda step: next_name(step, existing),
     )
     shards, n = config["shards"], config["num_samples"]
 
     def batches_from(position: int):  # micro-batches consumed so far = the loader's batch index
         return build_loader(cfg, shards, rank=rank, world_size=world, start_step=position, num_samples=n)
 
-    tok = Path(config["tokenizer"]) if config.get("tokenizer") else None
+    tok = local_copy(config.get("tokenizer"))  # beside the shards, maybe in object storage
     try:
-        train(cfg, batches_from, hooks, tokenizer=tok)
+        out = train(cfg, batches_from, hooks, tokenizer=tok)
     finally:
         if logger is not None:
-            sent, dropped = logger.close()
-            print(f"[d2v rank 0] MLflow metrics: {sent} points sent, {dropped} dropped", flush=True)
+            from .outcome import write_unsent
+
+            sent, dropped = logger.close(spool=lambda points: write_unsent(config["run_dir"], points))
+            held = f", {logger.held} kept for `d2v register`" if logger.held else ""
+            print(f"[d2v rank 0] MLflow metrics: {sent} points sent, {dropped} dropped{held}", flush=True)
+    # rank 0's value is Result.return_value: Ray Train keeps only checkpointed reports' metrics, and a stop
+    # (NaN, collapse) reports none
+    return {"step": out.get("step"), "stopped": out.get("stopped")}
+
+
+def _placement(rank: int, world: int) -> list[dict]:
+    """[{rank, node_id}] of every rank, gathered over the process group Ray Train set up (gloo/nccl). The Ray
+    node id, not an IP: a worker process only guesses its IP (it may differ from the one its node registered)."""
+    import ray
+
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
+    if world == 1:
+        return [me]
+    import torch.distributed as dist
+
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, me)
+    return everyone
+
+
+def _placement_tags(placement: list[dict]) -> dict[str, str]:
+    """MLflow tags d2v.rank_<r>.node_id: where each rank of the latest attempt ran (`ray list nodes` maps ids
+    to addresses)."""
+    return {f"d2v.rank_{p['rank']}.node_id": p["node_id"] for p in placement}
 
 
 class _RankZeroLogger:
     """tracking.MetricLogger built in a thread: importing MLflow takes seconds, which then overlap with model
-    building, loader start and DDP set-up instead of delaying the first step. `log`/`close` wait for it."""
+    building, loader start and DDP set-up instead of delaying the first step. `log`/`close` wait for it.
+    `tags` (the ranks' placement) are then set on the run from the same thread, which `log` does not wait
+    for (a tracking server that is down must not hold up training)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, tags: dict[str, str] | None = None):
         import threading
 
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]
         self._made: dict = {}
-        self._thread = threading.Thread(target=self._make, args=(config["run_id"],), daemon=True)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._make, args=(config["run_id"], tags or {}), daemon=True)
         self._thread.start()
 
-    def _make(self, run_id: str) -> None:
+    def _make(self, run_id: str, tags: dict[str, str]) -> None:
         try:
-            self._made["logger"] = tracking.MetricLogger(run_id)
+            self._made["logger"] = logger = tracking.MetricLogger(run_id)
         except BaseException as err:  # re-raised in the training thread at its first log call
             self._made["error"] = err
+            return
+        finally:
+            self._ready.set()
+        try:
+            from mlflow.entities import RunTag
+
+            logger.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as err:  # noqa: BLE001 -- a tracking blip must not stop training
+            print(f"[d2v rank 0] could not record the ranks' placement in MLflow: {err}", flush=True)
 
     def _get(self) -> tracking.MetricLogger:
-        self._thread.join()
+        self._ready.wait()
         if "error" in self._made:
             raise self._made["error"]
         return self._made["logger"]
@@ -167,8 +184,14 @@ class _RankZeroLogger:
     def log(self, metrics: dict, step: int) -> None:
         self._get().log(metrics, step)
 
-    def close(self) -> tuple[int, int]:
-        return self._get().close()
+    def close(self, spool=None) -> tuple[int, int]:
+        logger = self._get()
+        self._thread.join(timeout=10)  # the placement tags: long done unless the server is away
+        return logger.close(spool)
+
+    @property
+    def held(self) -> int:
+        return self._get().held
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -176,7 +199,7 @@ def pretrain(
     modality: str,
     data: str | Path,
     preset: str = "tiny",
-    version: str = "v1",
+    version: str | None = None,
     overrides: list[str] | None = None,
     workers: int = 1,
     gpus_per_worker: float = 0,
@@ -186,8 +209,9 @@ def pretrain(
     verbose: bool = False,
 ) -> dict:
     """Train and register; the console shows progress and Ray's chatter goes to the run's driver.log
-    (workers/console.py), unless `verbose`."""
+    (workers/console.py), unless `verbose`. `version` None: the modality's default (presets.DEFAULT_VERSION)."""
     overrides = list(overrides or [])
+    version = version or default_version(modality)
     # 1. everything that can be wrong without a cluster
     cfg = resolve_config(modality, preset, version, overrides)
     info = inspect_data(modality, data)
@@ -197,6 +221,7 @@ def pretrain(
     tracking.check_reachable()
     run_name = run_name or f"{modality}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = _storage_path(storage)
+    refuse_if_complete(cfg, run_name, modality, storage_path)
 
     # 2. the MLflow run (resumed runs keep theirs)
     run_id = _start_or_resume_run(cfg, info, run_name, modality, workers)
@@ -214,11 +239,18 @@ def pretrain(
               flush=True)
         try:
             result = _fit(cfg, info, run_id, run_name, workers, gpus_per_worker, storage_path, t_ray)
+        except Exception as err:
+            raise_if_failures_exhausted(err, cfg, run_id, run_name, storage_path)
+            raise
         finally:
             if started_ray:
                 ray.shutdown()
                 os.environ.pop("RAY_ADDRESS", None)  # pinned by _init_ray to the cluster now gone
-        out = _finish(cfg, result, run_id, run_name, modality, info, register)  # MLflow's chatter: the log too
+        try:  # MLflow's chatter: the log too
+            out = _finish(cfg, result, run_id, run_name, modality, info, register)
+        except Exception as err:
+            raise_if_tracking_lost(err, result, run_name, storage_path)
+            raise
     return {**out, "log": str(log_path)}
 
 
@@ -236,6 +268,7 @@ def _fit(cfg: Config, info: DataInfo, run_id: str, run_name: str, workers: int, 
             "tokenizer": str(info.tokenizer) if info.tokenizer else None,
             "threads": max(1, (os.cpu_count() or 1) // workers) if gpus_per_worker == 0 else 4,
             "t_ray": t_ray,  # rank 0 reports how long Ray and the worker group took to come up
+            "run_dir": f"{storage_path.rstrip('/')}/{run_name}",  # metrics MLflow could not take wait here
         },
         scaling_config=ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0,
@@ -269,8 +302,9 @@ def _init_ray(workers: int) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"working_dir": str(REPO_ROOT), "excludes": _SHIP_EXCLUDES},
-                 log_to_driver=True)
+        # the code travels as working_dir; the storage/tracking variables (pipelines/fs.py) go along, so workers on
+        # other machines reach the same object store and MLflow as this shell
+        ray.init(address=address, log_to_driver=True, runtime_env=cluster_runtime_env(str(REPO_ROOT)))
     else:
         # Pin this cluster for every process of the job: Train's PlacementGroupCleaner actor queries the
         # state API, which otherwise guesses among the local Ray instances ("Found multiple active Ray
@@ -292,9 +326,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_SHIP_EXCLUDES = [".venv/", "data/", "runs/", "mlartifacts/", "mlflow.db", ".git/", "*.tar", "__pycache__/"]
-
-
 def _start_or_resume_run(cfg: Config, info: DataInfo, run_name: str, modality: str, workers: int = 1) -> str:
     c = tracking.client()
     exp = tracking.experiment_id(f"d2v-{modality}")
@@ -302,7 +333,7 @@ def _start_or_resume_run(cfg: Config, info: DataInfo, run_name: str, modality: s
     if found:
         return _resume_run(c, found[0], cfg, info, run_name, workers)
     tags = {"d2v.run_name": run_name, "git_commit": tracking.git_commit(), "data_fingerprint": info.fingerprint,
-            "modality": modality, "preset": cfg.preset, "data": str(info.root), "mlflow.runName": run_name,
+            "modality": modality, "preset": cfg.preset, "data": display(info.root), "mlflow.runName": run_name,
             "d2v.workers": str(workers)}
     run = c.create_run(exp, run_name=run_name, tags=tags)
     from mlflow.entities import Param
@@ -346,28 +377,42 @@ def _finish(cfg: Config, result, run_id: str, run_name: str, modality: str, info
 
     c = tracking.client()
     metrics = dict(result.metrics or {})
-    if result.error is not None:
-        c.set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training run {run_name!r} failed: {result.error}")
+    metrics["stopped"] = (getattr(result, "return_value", None) or {}).get("stopped") or metrics.get("stopped")
+    if result.error is not None:  # Ray Train raises instead (see pretrain); kept for results that carry it
+        raise result.error
     if metrics.get("stopped"):
-        c.set_terminated(run_id, status="FAILED")
-        raise TrainingStopped(f"{metrics['stopped']} (run {run_name!r}; last good checkpoint kept in storage)")
+        marked = end_run(run_id, "FAILED", metrics["stopped"])
+        raise TrainingStopped(f"{metrics['stopped']} (run {run_name!r}; the last good checkpoint is kept in storage; "
+                              f"{marked})")
     if result.checkpoint is None:
         c.set_terminated(run_id, status="FAILED")
         raise RuntimeError(f"training run {run_name!r} produced no checkpoint")
-    out = {"run_name": run_name, "run_id": run_id, "checkpoint": result.checkpoint.path, **{
+    out = {"run_name": run_name, "run_id": run_id, "checkpoint": _checkpoint_uri(result.checkpoint), **{
         k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}}
     with result.checkpoint.as_directory() as d:
-        d = Path(d)
-        _log_curves(c, run_id, d)
-        c.log_artifacts(run_id, str(d), "checkpoint")  # the full training checkpoint, for resume/inspection
-        if register:  # an MLflow Model (pyfunc) of the student; the same weights again -> the same version
-            tags = {"modality": modality, "preset": cfg.preset, "version": cfg.version, "run_name": run_name,
-                    "data_fingerprint": info.fingerprint, "step": str(metrics.get("step", ""))}
-            name, version = tracking.register_checkpoint(run_id, "checkpoint", modality, tags, local_dir=d)
-            out.update(model=f"models:/{name}@candidate", version=version)
+        out.update(record_finished(cfg, run_id, run_name, modality, info.fingerprint, Path(d), metrics, register))
+    return out
+
+
+def record_finished(cfg: Config, run_id: str, run_name: str, modality: str, fingerprint: str, d: Path,
+                    metrics: dict, register: bool) -> dict:
+    """Curves, the checkpoint as artifacts, the registered version, FINISHED; also `d2v register`'s work."""
+    c, out = tracking.client(), {}
+    _log_curves(c, run_id, d)
+    c.log_artifacts(run_id, str(d), "checkpoint")  # the full training checkpoint, for resume/inspection
+    if register:  # an MLflow Model (pyfunc) of the student; the same weights again -> the same version
+        tags = {"modality": modality, "preset": cfg.preset, "version": cfg.version, "run_name": run_name,
+                "data_fingerprint": fingerprint, "step": str(metrics.get("step", ""))}
+        name, version = tracking.register_checkpoint(run_id, "checkpoint", modality, tags, local_dir=d)
+        out.update(model=f"models:/{name}@candidate", version=version)
     c.set_terminated(run_id, status="FINISHED")
     return out
+
+
+def _checkpoint_uri(ckpt) -> str:
+    """Ray gives a path inside its pyarrow filesystem ("bucket/runs/..."): put the scheme back for object stores."""
+    kind = getattr(getattr(ckpt, "filesystem", None), "type_name", "local")
+    return ckpt.path if kind == "local" else f"{kind}://{ckpt.path}"
 
 
 def _log_curves(c, run_id: str, ckpt: Path) -> None:
@@ -407,7 +452,7 @@ def print_summary(out: dict, data: str | Path | None = None) -> None:
     lines = [f"d2v pretrain: done: run {out.get('run_name')} reached step {out.get('step', '?')}"
              + (f", loss {out['loss']:.4f}" if isinstance(out.get("loss"), float) else "")]
     if data is not None:
-        lines.append(f"  data        {Path(data).resolve()}")
+        lines.append(f"  data        {display(data)}")
     lines += [f"  checkpoint  {out['checkpoint']}",
               f"  model       {out.get('model', '(not registered)')} (version {out.get('version', '-')})",
               f"  MLflow      {run_url}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -59,6 +60,11 @@ def check_reachable() -> None:
     try:
         client().search_experiments(max_results=1)
     except Exception as err:
+        if re.search(r"\b(401|403)\b|Unauthorized|Forbidden|PERMISSION_DENIED|UNAUTHENTICATED", str(err)):
+            raise TrackingUnavailable(  # credentials only from MLflow's standard variables, never from d2v flags
+                f"MLflow tracking at {uri} refused the request ({str(err)[:200]}): it requires credentials. Set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment."
+            ) from None
         raise TrackingUnavailable(
             f"MLflow tracking at {uri} is not reachable ({type(err).__name__}: {str(err)[:200]}). "
             "Start the server, fix MLFLOW_TRACKING_URI, or unset it to use the local sqlite store."
@@ -120,6 +126,7 @@ class MetricLogger:
         self._next_try = 0.0
         self.sent = 0
         self.dropped = 0
+        self.held = 0  # points handed to `close(spool=...)` for a later `d2v register`
         self._warned = False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -153,8 +160,19 @@ class MetricLogger:
             self._warned = False
         return True
 
-    def close(self) -> tuple[int, int]:
-        if not self.flush():
+    def close(self, spool=None) -> tuple[int, int]:
+        """Last attempt -> (sent, dropped). spool(points) -> where: keeps what is still unsent (for `d2v register`)
+        instead of dropping it; if it fails too, the points count as dropped."""
+        ok = self.flush()
+        if not ok and spool is not None:
+            try:
+                where = spool(self.backlog)
+            except Exception as err:  # noqa: BLE001 -- storage trouble too: fall through to dropping
+                log.warning("could not keep the unsent metric points (%s: %s)", type(err).__name__, err)
+            else:
+                log.warning("MLflow still unreachable at the end: %d metric points kept in %s", len(self.backlog), where)
+                self.held, self.backlog = len(self.backlog), []
+        if not ok and self.backlog:
             self.dropped += len(self.backlog)
             log.warning("MLflow still unreachable at the end: dropped %d metric points", len(self.backlog))
             self.backlog = []

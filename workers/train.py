@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from pyarrow.fs import LocalFileSystem
 from safetensors.torch import load_file
 
 from model.checkpoint import load_config, save_checkpoint
@@ -35,7 +36,7 @@ from model.targets import mean_std, variance_stats
 from model.teacher import EMATeacher, ema_decay
 
 from .optim import build_optimizer, lr_at, set_lr
-from .resume import check_resume
+from .resume import check_resume, checkpoint_problem
 
 
 class TrainingStopped(RuntimeError):
@@ -55,6 +56,8 @@ class Hooks:
     latest_checkpoint: Callable[[], Any] = lambda: None  # -> context manager yielding a dir, or None
     log_metrics: Callable[[dict, int], None] | None = None  # rank 0 only
     progress: Callable[[str], None] = print
+    # the checkpoint directory name for an update step (a resume past torn checkpoints avoids their names)
+    checkpoint_name: Callable[[int], str] = lambda step: f"step_{step:08d}"
 
 
 def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
@@ -239,7 +242,7 @@ def _stop(hooks: Hooks, step: int, reason: str, history: list) -> dict:
 
 def _checkpoint(cfg, hooks: Hooks, student, teacher, opt, step: int, position: int, history: list,
                 metrics: dict, tokenizer: Path | None) -> None:
-    name = f"step_{step:08d}"
+    name = hooks.checkpoint_name(step)
     report = {"step": step, "stopped": None, **metrics}
     if hooks.rank != 0:
         hooks.report(report, None, name)
@@ -254,6 +257,10 @@ def _checkpoint(cfg, hooks: Hooks, student, teacher, opt, step: int, position: i
         if tokenizer is not None:
             extra["tokenizer.json"] = Path(tokenizer)
         save_checkpoint(d, cfg, student, teacher=teacher.model, state=state, extra_files=extra)
+        # never hand Ray a checkpoint that is not whole: it is uploaded, then registered as resumable
+        why = checkpoint_problem(LocalFileSystem(), str(d))
+        if why is not None:
+            raise OSError(f"checkpoint {name} written to {d} is not whole ({why}); not reporting it")
         hooks.report(report, str(d), name)
 
 

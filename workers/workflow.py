@@ -1,4 +1,5 @@
-"""`d2v workflow`: demo corpus -> shard -> pretrain (+ register) -> evaluate (+ promote), on Ray.
+"""`d2v workflow`: demo corpus -> shard -> pretrain (+ register) -> evaluate (+ promote) [-> finetune (+ promote
+by the task's metric, `--finetune TASK`)], on Ray.
 
 Each stage runs as a Ray task and is skipped when its recorded outputs exist and its fingerprint (a hash
 of its inputs and config) is unchanged; a failed stage re-runs from there on the next call (pretraining
@@ -36,6 +37,15 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
     workers: int = 2
     task: str = "linear-probe"
+    version: str | None = None  # data2vec version; None = the modality's default (model.presets.DEFAULT_VERSION)
+    finetune: str | None = None  # fine-tune stage task ("classify", "asr"); None = no fine-tune stage
+    finetune_data: Path | None = None  # its labelled data; None = the task's demo split
+
+    @property
+    def resolved_version(self) -> str:
+        from model.presets import default_version
+
+        return self.version or default_version(self.modality)
 
     @property
     def demo_dir(self) -> Path:
@@ -80,8 +90,8 @@ def stage_shard(plan: Plan, src: Path) -> dict:
 def stage_pretrain(plan: Plan, run_name: str) -> dict:
     from .pretrain import pretrain
 
-    out = pretrain(plan.modality, plan.data, preset=plan.preset, overrides=plan.overrides, workers=plan.workers,
-                   run_name=run_name)
+    out = pretrain(plan.modality, plan.data, preset=plan.preset, version=plan.resolved_version,
+                   overrides=plan.overrides, workers=plan.workers, run_name=run_name)
     return {k: out[k] for k in ("run_id", "run_name", "checkpoint", "model", "version", "step") if k in out}
 
 
@@ -89,6 +99,19 @@ def stage_evaluate(plan: Plan, model: str) -> dict:
     from .evaluate import evaluate
 
     return evaluate(model, data=plan.labelled, task=plan.task, promote=True)
+
+
+def stage_finetune(plan: Plan, model: str, run_name: str) -> dict:
+    """`d2v finetune MODEL --task T`, then promotion of the fine-tuned version by the task's metric."""
+    from .finetune.job import finetune
+    from .finetune.register import promote
+    from .finetune.tasks import get_task
+
+    out = finetune(model, plan.finetune, data=plan.finetune_data, workers=plan.workers, run_name=run_name)
+    task = get_task(plan.finetune)
+    name = out["model"].removeprefix("models:/").split("@")[0]
+    out["promoted"], out["promotion_reason"] = promote(name, out["version"], task.metric, task.lower_is_better)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- runner
@@ -116,7 +139,8 @@ def run_workflow(plan: Plan) -> dict:
         shard_fp = _hash("shard", plan.modality, str(src), listing_fingerprint(src))
         _stage(plan, state, c, exp, pid, "shard", shard_fp, lambda: stage_shard(plan, src),
                valid=lambda out: (plan.data / "stats.json").is_file())
-        cfg_fp = _hash("pretrain", shard_fp, plan.preset, sorted(plan.overrides), plan.workers)
+        # the resolved version: a changed default re-runs pretraining instead of keeping the old model
+        cfg_fp = _hash("pretrain", shard_fp, plan.preset, plan.resolved_version, sorted(plan.overrides), plan.workers)
         run_name = f"workflow-{plan.modality}-{cfg_fp[:8]}"
         name = tracking.MODEL_NAME.format(modality=plan.modality)
         pre = _stage(plan, state, c, exp, pid, "pretrain", cfg_fp, lambda: stage_pretrain(plan, run_name),
@@ -125,6 +149,14 @@ def run_workflow(plan: Plan) -> dict:
         labelled = plan.labelled or plan.demo_dir / "labelled"
         eval_fp = _hash("evaluate", model, plan.task, listing_fingerprint(labelled) if labelled.is_dir() else "")
         _stage(plan, state, c, exp, pid, "evaluate", eval_fp, lambda: stage_evaluate(plan, model))
+        if plan.finetune:  # after evaluation: the fine-tuned model of the same encoder version
+            ft_data = plan.finetune_data
+            ft_fp = _hash("finetune", model, plan.finetune, plan.workers,
+                          listing_fingerprint(ft_data) if ft_data and ft_data.is_dir() else "demo")
+            ft_name = f"workflow-{plan.modality}-ft-{ft_fp[:8]}"
+            _stage(plan, state, c, exp, pid, "finetune", ft_fp, lambda: stage_finetune(plan, model, ft_name),
+                   valid=lambda out: _version_exists(out["model"].removeprefix("models:/").split("@")[0],
+                                                     out["version"]))
         c.set_terminated(pid, "FINISHED")
     except BaseException:
         c.set_terminated(pid, "FAILED")

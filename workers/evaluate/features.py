@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from model.config import Config
-from model.encoder import Encoder, EncoderOutput
+from model.encoder import Encoder
+from model.heads import pool_mean
 
 from .common import Progress
 from .data import Items, batches
@@ -27,13 +28,7 @@ POOLING = {
 }
 
 
-def pool(out: EncoderOutput) -> torch.Tensor:
-    """(B, P+T, D) final hidden states -> (B, D): the mean over non-padded positions after the prefix."""
-    x = out.last[:, out.prefix_len :]  # (B, T, D)
-    if out.padding_mask is None:
-        return x.mean(1)
-    keep = (~out.padding_mask[:, out.prefix_len :]).to(x.dtype)[..., None]  # (B, T, 1)
-    return (x * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+pool = pool_mean  # model/heads.py: the fine-tuning heads pool the same way
 
 
 @torch.no_grad()

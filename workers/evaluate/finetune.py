@@ -2,7 +2,10 @@
 
 The recipe keeps the essentials of the reference fine-tuning recipes (BEiT / data2vec_vision
 `run_class_finetuning.py`, fairseq's RoBERTa / wav2vec 2.0 fine-tuning), scaled to CPU minutes:
-- head on LayerNorm'd mean-pooled features (BEiT `use_mean_pooling` + `fc_norm`), `ClassifierHead`;
+- head on LayerNorm'd mean-pooled features (BEiT `use_mean_pooling` + `fc_norm`), `ClassifierHead`; as in BEiT,
+  the pooled states are the last block's output *before* the encoder's final norm (BEiT's `norm` becomes Identity
+  when fine-tuning with mean pooling; model/heads.py `pool_mean_prenorm`), which is also what HF's
+  Data2VecVisionForImageClassification computes, so the export matches;
 - LP-FT (Kumar et al. 2022): the head is first fitted on the frozen encoder's features, then everything is
   trained. The head starts at the optimum of the probe's objective (`fit_head`), so a pretrained encoder's
   features are not wrecked by a random head's gradients in the first steps. This is why fine-tuned scores
@@ -13,8 +16,11 @@ The recipe keeps the essentials of the reference fine-tuning recipes (BEiT / dat
 - label smoothing for vision (BEiT 0.1); random translation of images (`shift_px`).
 Left out for the CPU budget: mixup/cutmix/RandAugment, EMA of weights, per-epoch model selection.
 
-The pieces are pure functions over (encoder, head, batches) so that a Ray Train job can drive the same code:
-`ClassifierHead`, `param_groups`, `lr_scale_at`, `fit_head`, `train_epoch`, `accuracy`.
+Text follows the RoBERTa / fairseq GLUE recipe instead (`head="sentence"`: RoBERTa's head on <s>, linear
+schedule, no LP stage). The training loop is the fine-tuning job's (workers/finetune/loop.py, task
+workers/finetune/classify.py): `d2v evaluate --task finetune` and `d2v finetune --task classify` run the same
+code; the pieces here are the recipe (`FinetuneConfig`, presets) and its building blocks (`param_groups`,
+`lr_scale_at`, `fit_head`, `random_shift`).
 """
 
 from __future__ import annotations
@@ -22,19 +28,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from model.config import Config
 from model.encoder import Encoder
+from model.heads import MeanPoolHead
 
-from .common import EvaluationError, Progress, log
-from .data import Group, Split, batches
-from .features import features, pool
+from .common import EvaluationError, log
+from .data import Split
 
 # No weight decay on these besides 1-D tensors (biases, norms, layer scale): BEiT's `no_weight_decay()` names
 # (positions, CLS, relative position table) and the mask embedding, which fine-tuning never uses.
@@ -53,10 +58,18 @@ class FinetuneConfig:
     shift_px: int = 0  # images: random translation by up to this many pixels per side in training (0 = off)
     probe_steps: int = 200  # LP stage: L-BFGS iterations fitting the head on frozen features (0 = off)
     seed: int = 0  # head init, dropout and shuffling
+    head: str = "mean"  # "mean": MeanPoolHead (LayerNorm'd mean pool); "sentence": RoBERTa's head on <s>
+    head_dropout: float = 0.0  # "sentence" head: dropout before dense and out_proj (fairseq pooler_dropout)
+    schedule: str = "cosine"  # "cosine" (BEiT) or "linear" (RoBERTa GLUE: warm-up then linear decay to 0)
+    warmup_fraction: float | None = None  # warm-up as a fraction of all updates (RoBERTa 6%); else warmup_epochs
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas (RoBERTa fine-tuning: 0.9, 0.98)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise EvaluationError(f"finetune: epochs={self.epochs} and batch_size={self.batch_size} must be >= 1")
+        if self.head not in ("mean", "sentence") or self.schedule not in ("cosine", "linear"):
+            raise EvaluationError(f"finetune: head={self.head!r} must be 'mean' or 'sentence' and "
+                                  f"schedule={self.schedule!r} 'cosine' or 'linear'")
         if not 0 < self.layer_decay <= 1 or self.lr <= 0 or self.head_lr_mult <= 0:
             raise EvaluationError(
                 f"finetune: lr={self.lr} and head_lr_mult={self.head_lr_mult} must be > 0 and "
@@ -78,9 +91,12 @@ FINETUNE_PRESETS = {
     # Keywords (800 / 200, unseen speakers), random init: train accuracy 1.0 by epoch 9 of 20, so 10 epochs of
     # ~30 s on 2 CPU cores: 0.675 (MFCC mean+std 0.795, random-init probe 0.335)
     "audio": FinetuneConfig(lr=5e-4, epochs=10),
-    # stdlib docstrings (576 / 144), random init: train accuracy 1.0 by epoch 6 and test flat after it, so 10
-    # epochs: 0.785 (TF-IDF 0.847, random-init probe 0.431)
-    "text": FinetuneConfig(lr=5e-4, epochs=10),
+    # RoBERTa / fairseq GLUE fine-tuning: classification head on <s> (dense + tanh + out_proj), AdamW betas
+    # (0.9, 0.98), weight decay 0.1, linear warm-up over 6% of the updates then linear decay to 0, no LP stage.
+    # Deviation: lr 5e-4, not RoBERTa-base's 1e-5..3e-5 (a tiny encoder from a few CPU minutes of pretraining;
+    # measured on the demo docstrings, stdlib modules 576 / 144).
+    "text": FinetuneConfig(lr=5e-4, epochs=10, head="sentence", schedule="linear", warmup_fraction=0.06,
+                           betas=(0.9, 0.98), weight_decay=0.1, probe_steps=0),
 }
 
 
@@ -89,18 +105,9 @@ def finetune_preset(modality: str) -> FinetuneConfig:
 
 
 # ------------------------------------------------------------------------------------------ the pieces
-class ClassifierHead(nn.Module):
-    """(B, D) mean-pooled features -> LayerNorm -> Linear -> (B, C) logits (BEiT fc_norm + head)."""
-
-    def __init__(self, dim: int, classes: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.norm(x))
+# the head on LayerNorm'd mean-pooled features (BEiT fc_norm + head), in model/heads.py since the fine-tuning job
+# saves and exports it
+ClassifierHead = MeanPoolHead
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -169,76 +176,23 @@ def fit_head(head: ClassifierHead, x: torch.Tensor, y: torch.Tensor, ft: Finetun
         return float(F.cross_entropy(head(x), y))
 
 
-def train_epoch(enc: Encoder, head: nn.Module, opt: torch.optim.Optimizer, batches_: Iterable[list[Group]],
-                schedule: Callable[[int], float], step: int, ft: FinetuneConfig,
-                on_step: Callable[[float], None] | None = None) -> tuple[int, float, float]:
-    """One pass: per batch, set every group's lr = lr * lr_scale * schedule(step), one optimizer step over all
-    its forward groups. Returns (next step, mean training loss, training accuracy)."""
-    enc.train()
-    head.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for groups in batches_:
-        for g in opt.param_groups:
-            g["lr"] = ft.lr * g["lr_scale"] * schedule(step)
-        opt.zero_grad(set_to_none=True)
-        n = sum(len(g.index) for g in groups)
-        loss = 0.0
-        for g in groups:
-            logits = head(pool(enc(random_shift(g.x, ft.shift_px), g.pad)))  # (B, C)
-            part = F.cross_entropy(logits, g.y, reduction="sum", label_smoothing=ft.label_smoothing) / n
-            part.backward()
-            loss += part.item()
-            correct += int((logits.argmax(-1) == g.y).sum())
-        opt.step()
-        step, total_loss, seen = step + 1, total_loss + loss * n, seen + n
-        if on_step is not None:
-            on_step(loss)
-    return step, total_loss / max(seen, 1), correct / max(seen, 1)
-
-
-@torch.no_grad()
-def accuracy(enc: Encoder, head: nn.Module, batches_: Iterable[list[Group]]) -> float:
-    enc.eval()
-    head.eval()
-    correct = seen = 0
-    for groups in batches_:
-        for g in groups:
-            correct += int((head(pool(enc(g.x, g.pad))).argmax(-1) == g.y).sum())
-            seen += len(g.index)
-    return correct / max(seen, 1)
-
-
 # ------------------------------------------------------------------------------------- on a split
 def finetune_accuracy(enc: Encoder, cfg: Config, split: Split, tokenizer: Path | None, ft: FinetuneConfig,
                       device: torch.device, what: str = "model",
                       on_epoch: Callable[[int, dict], None] | None = None) -> float:
-    """LP-FT on split.train -> test accuracy. `on_epoch(epoch, {"loss", "train_accuracy", "head"})` is called
-    after every epoch (the curve; the encoder is `enc`, trained in place)."""
+    """LP-FT on split.train -> test accuracy: the `d2v finetune --task classify` training code
+    (workers/finetune/loop.fit with the classify task), run in this process with recipe `ft`.
+    `on_epoch(epoch, {"loss", "head"})` is called after every epoch (the curve; `enc` is trained in place)."""
+    from ..finetune.classify import ClassifyTask, read_examples
+    from ..finetune.loop import fit
+    from ..train import Hooks
+
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    train_cache: dict[int, torch.Tensor] = {}  # each file decoded once, not once per epoch
+    task = ClassifyTask({cfg.model.modality: ft})
+    train, test = read_examples(split, cfg, tokenizer)
+    hooks = Hooks(device=device, progress=lambda s: log(f"evaluate: {what} finetune: {s}"))
     with torch.random.fork_rng(devices=cuda):  # seeded run that leaves the caller's RNG state alone
         torch.manual_seed(ft.seed)
-        head = ClassifierHead(cfg.model.trunk.dim, len(split.classes)).to(device)
-        if ft.probe_steps > 0:
-            x = torch.from_numpy(features(enc, cfg, split.train, tokenizer, ft.batch_size, device,
-                                          f"{what} finetune: head features", cache=train_cache)).to(device)
-            y = torch.tensor([label for _, label in split.train], device=device)
-            loss = fit_head(head, x, y, ft)
-            log(f"evaluate: {what} finetune: head fitted on frozen features (loss {loss:.3f})")
-        opt = torch.optim.AdamW(param_groups(enc, head, ft), lr=ft.lr)
-        per_epoch = -(-len(split.train) // ft.batch_size)
-        total, warmup = ft.epochs * per_epoch, max(1, round(ft.warmup_epochs * per_epoch))
-        rng = np.random.default_rng(ft.seed)
-        progress = Progress(f"{what} finetune steps", total)
-        step = 0
-        for epoch in range(ft.epochs):
-            order = rng.permutation(len(split.train))
-            step, loss, acc = train_epoch(
-                enc, head, opt, batches(split.train, cfg, tokenizer, ft.batch_size, device, order, train_cache),
-                lambda s: lr_scale_at(s, total, warmup), step, ft, lambda l: progress.update(1, f"loss {l:.3f}"),
-            )
-            if on_epoch is not None:
-                on_epoch(epoch + 1, {"loss": loss, "train_accuracy": acc, "head": head})
-        progress.close()
-        log(f"evaluate: {what} finetune: {ft.epochs} epochs, last train loss {loss:.3f}, train accuracy {acc:.3f}")
-    return accuracy(enc, head, batches(split.test, cfg, tokenizer, ft.batch_size, device))
+        head = task.build_head(cfg, train).to(device)
+        out = fit(task, cfg, enc, head, train, test, task.recipe(cfg.model.modality), hooks, on_epoch=on_epoch)
+    return float(out["accuracy"])
