@@ -164,14 +164,7 @@ def export_hf(
     hf_cfg = _hf_config(m)
     hf_cfg["dtype"] = str(next(encoder.parameters()).dtype).removeprefix("torch.")
     state = _to_hf_state(encoder.state_dict(), m)
-    with atomic_dir(out_dir, marker="config.json") as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        _save_safetensors(tmp / "model.safetensors", state)
-        if tokenizer_json is not None:
-            shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
-            tok_cfg = _tokenizer_config(Path(tokenizer_json), m.frontend)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
-    return Path(out_dir)
+    return _write_hf_dir(out_dir, hf_cfg, state, tokenizer_json, m.frontend)
 
 
 def export_hf_ctc(
@@ -190,12 +183,7 @@ def export_hf_ctc(
                   eos_token_id=2, ctc_zero_infinity=True, dtype=str(w.dtype).removeprefix("torch."), **config)
     state = {f"{_BASE_PREFIX['audio']}{k}": v for k, v in _to_hf_state(encoder.state_dict(), cfg.model).items()}
     state.update({"lm_head.weight": w, "lm_head.bias": b})
-    with atomic_dir(out_dir, marker="config.json") as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
-        _save_safetensors(tmp / "model.safetensors", state)
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-    return Path(out_dir)
+    return _write_hf_dir(out_dir, hf_cfg, state, files=files)
 
 
 # fine-tuned classifiers: (modality, head kind) -> (HF architecture, our head's names -> HF's)
@@ -237,13 +225,22 @@ def export_hf_classifier(
         hf_cfg["classifier_dropout"] = None
     state = {f"{_BASE_PREFIX[m.modality]}{k}": v for k, v in _to_hf_state(enc_state, m).items()}
     state.update({names[k]: v for k, v in head_state.items()})
+    return _write_hf_dir(out_dir, hf_cfg, state, tokenizer_json, m.frontend)
+
+
+def _write_hf_dir(out_dir, hf_cfg: dict, state: dict[str, torch.Tensor], tokenizer_json=None, frontend=None,
+                  files: dict[str, str] | None = None) -> Path:
+    """config.json + model.safetensors (+ tokenizer.json and its config for text, + extra text `files`),
+    written atomically: an existing out_dir is replaced only if it is empty or an HF model dir."""
     with atomic_dir(out_dir, marker="config.json") as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         _save_safetensors(tmp / "model.safetensors", state)
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
-            tok_cfg = _tokenizer_config(Path(tokenizer_json), m.frontend)
+            tok_cfg = _tokenizer_config(Path(tokenizer_json), frontend)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
     return Path(out_dir)
 
 
