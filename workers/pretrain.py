@@ -398,7 +398,7 @@ def record_finished(cfg: Config, run_id: str, run_name: str, modality: str, fing
                     metrics: dict, register: bool) -> dict:
     """Curves, the checkpoint as artifacts, the registered version, FINISHED; also `d2v register`'s work."""
     c, out = tracking.client(), {}
-    _log_curves(c, run_id, d)
+    tracking.log_curves(c, run_id, d, _draw_curves)
     c.log_artifacts(run_id, str(d), "checkpoint")  # the full training checkpoint, for resume/inspection
     if register:  # an MLflow Model (pyfunc) of the student; the same weights again -> the same version
         tags = {"modality": modality, "preset": cfg.preset, "version": cfg.version, "run_name": run_name,
@@ -415,19 +415,8 @@ def _checkpoint_uri(ckpt) -> str:
     return ckpt.path if kind == "local" else f"{kind}://{ckpt.path}"
 
 
-def _log_curves(c, run_id: str, ckpt: Path) -> None:
-    """Loss and target/prediction std curves from the checkpoint's history, as a PNG artifact."""
-    try:
-        history = json.loads((ckpt / "state.json").read_text()).get("history", [])
-    except (OSError, json.JSONDecodeError):
-        return
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw_curves(plt, history: list[dict]):
+    """Loss and target/prediction std curves over the training history."""
     steps = [h["step"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     a.plot(steps, [h["loss"] for h in history])
@@ -437,11 +426,7 @@ def _log_curves(c, run_id: str, ckpt: Path) -> None:
     b.set(title="mean per-dim std (collapse guard)", xlabel="step")
     b.legend()
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        p = Path(tmp) / "curves.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        c.log_artifact(run_id, str(p))
+    return fig
 
 
 def print_summary(out: dict, data: str | Path | None = None) -> None:

@@ -7,10 +7,12 @@ away: it keeps a bounded backlog, retries, and reports what it had to drop.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -177,3 +179,26 @@ class MetricLogger:
             log.warning("MLflow still unreachable at the end: dropped %d metric points", len(self.backlog))
             self.backlog = []
         return self.sent, self.dropped
+
+
+def log_curves(c, run_id: str, ckpt: Path, draw) -> None:
+    """`draw(plt, history) -> figure` over the checkpoint's `state.json` history, logged as `curves.png`
+    (nothing when the checkpoint has no history)."""
+    try:
+        history = json.loads((Path(ckpt) / "state.json").read_text()).get("history", [])
+    except (OSError, json.JSONDecodeError):
+        return
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = draw(plt, history)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        c.log_artifact(run_id, str(path))
+

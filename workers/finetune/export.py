@@ -54,7 +54,7 @@ def load_finetuned(model: str | Path) -> tuple[Task, Config, Encoder, nn.Module]
 
 def export_finetuned(ckpt: str | Path, out_dir: str | Path) -> Path:
     """A fine-tuned checkpoint directory -> the HF directory of its task's model class."""
-    from model.hf import export_hf_classifier
+    from model.hf_heads import export_hf_classifier
 
     ckpt = Path(ckpt)
     cfg, enc = load_encoder(ckpt, which="student")

@@ -57,7 +57,7 @@ def finish(p, results: dict, runs: dict[str, str], run_name: str) -> dict:
     run_id = runs["model"]
     with results["model"].checkpoint.as_directory() as d:
         d = Path(d)
-        _log_curves(c, run_id, d)
+        tracking.log_curves(c, run_id, d, _draw_curves)
         name, version = register(c, run_id, d, p, metrics, run_name)
     c.log_batch(run_id, metrics=_metrics({f"test_{k}": v for k, v in metrics.items()}))
     if p.ref.version is not None:
@@ -120,28 +120,13 @@ def register(c, run_id: str, ckpt: Path, p, metrics: dict, run_name: str) -> tup
     return name, str(mv.version)
 
 
-def _log_curves(c, run_id: str, ckpt: Path) -> None:
-    """Training loss per epoch, from the checkpoint's history, as curves.png."""
-    try:
-        history = json.loads((ckpt / "state.json").read_text()).get("history", [])
-    except (OSError, json.JSONDecodeError):
-        return
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw_curves(plt, history: list[dict]):
+    """Training loss per epoch."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([h["epoch"] for h in history], [h["loss"] for h in history])
     ax.set(title="fine-tuning loss", xlabel="epoch", ylabel="train loss")
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "curves.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        c.log_artifact(run_id, str(path))
+    return fig
 
 
 def promote(name: str, version: str, metric: str, lower_is_better: bool) -> tuple[bool, str]:

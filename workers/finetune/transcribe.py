@@ -55,7 +55,7 @@ def transcribe_files(ckpt: str | Path, files: list[Path]) -> list[str]:
 
 def export_asr_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     """A fine-tuned ASR checkpoint -> a HF Data2VecAudioForCTC + Wav2Vec2Processor directory."""
-    from model.hf import export_hf_ctc
+    from model.hf_heads import export_hf_ctc
 
     cfg, enc, head = load_asr(ckpt)
     files = hf_processor_files(head.vocab, cfg.data.normalize)
