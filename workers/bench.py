@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -207,6 +208,7 @@ def bench_sharding(warmup: int, runs: int, n: int = 20_000, n_rss: tuple[int, in
 
             sharded()  # warm-up: worker processes started, imports done
             t_ray, t_single = median_times_interleaved([sharded, single], 0, max(1, runs // 4))
+            cpu_ray, cpu_single = _cpu_of(sharded), _cpu_of(single)["driver"]  # the cause when the ratio is short
         finally:
             if started:
                 ray.shutdown()
@@ -214,6 +216,14 @@ def bench_sharding(warmup: int, runs: int, n: int = 20_000, n_rss: tuple[int, in
         rows.append(Row("sharding_vs_single", n / t_ray, n / t_single, t_single / t_ray, "samples/s",
                         f">= {0.9 * cores:.1f}", f"{n} PNG 32x32 -> {spp}-sample shards; Ray on {cores} cores "
                         "(one decode per input) vs one process doing the same work"))
+        wall = cpu_ray.pop("wall")
+        total = sum(cpu_ray.values())
+        rows.append(Row("sharding_cpu_vs_single", total, cpu_single, total / cpu_single, "CPU s", "—",
+                        f"CPU seconds of the whole Ray process tree for one sharding run (tasks "
+                        f"{cpu_ray['tasks']:.1f}, driver {cpu_ray['driver']:.1f}, raylet/GCS/other "
+                        f"{cpu_ray['ray']:.1f}) vs the one process; with {cores} cores the speed-up is at most "
+                        f"{cores} / this = {cores * cpu_single / total:.2f}; the cores were "
+                        f"{total / (wall * cores):.0%} busy with it over its {wall:.1f} s"))
         peaks = []
         for k in n_rss:
             print(f"[bench] sharding peak RSS at {k} files ...", file=sys.stderr, flush=True)
@@ -228,6 +238,16 @@ def bench_sharding(warmup: int, runs: int, n: int = 20_000, n_rss: tuple[int, in
                     "MiB", "<= 1.2", f"peak RSS of driver + Ray processes, whole `run_shard` in a fresh process: "
                     f"{n_rss[1]} vs {n_rss[0]} PNG 16x16"))
     return rows
+
+
+def _cpu_of(fn: Callable[[], object]) -> dict[str, float]:
+    """CPU seconds spent by this process's tree (driver, Ray tasks, Ray services) while fn runs."""
+    from .bench_data import tree_cpu_seconds
+
+    before, t0 = tree_cpu_seconds(os.getpid()), time.perf_counter()
+    fn()
+    after, wall = tree_cpu_seconds(os.getpid()), time.perf_counter() - t0
+    return {"wall": wall, **{k: after[k] - before[k] for k in before}}
 
 
 def bench_train_startup(warmup: int, runs: int) -> list[Row]:
@@ -246,18 +266,30 @@ def bench_train_startup(warmup: int, runs: int) -> list[Row]:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "D2V_STORAGE": f"{tmp}/runs"}
         env.pop("RAY_ADDRESS", None)
         sets = [a for o in overrides for a in ("--set", o)]
+        stamps = dict.fromkeys(_STARTUP_PHASES.values())
         ours, out = time_to_line([sys.executable, "-m", "workers.cli", "pretrain", "vision", "--data", data,
-                                  "--version", "v1", "--workers", "2", *sets], "d2v pretrain: step 1/", env)
+                                  "--version", "v1", "--workers", "2", *sets], "d2v pretrain: step 1/", env,
+                                 stamps=stamps)
         plain = ("import sys; from workers.pretrain import "
                  "resolve_config, inspect_data; from workers.loader import build_loader; from workers.train import "
                  "Hooks, train; cfg = resolve_config('vision', 'tiny', 'v1', sys.argv[2:]); "
                  "info = inspect_data('vision', sys.argv[1]); train(cfg, lambda p: build_loader(cfg, info.shards, "
                  "start_step=p, num_samples=info.num_samples), Hooks(progress=lambda s: print(s, flush=True)))")
         ref, _ = time_to_line([sys.executable, "-c", plain, data, *overrides], "step 1/", env)
-    phases = [line.strip() for line in out.splitlines() if "startup:" in line]
+    ends = [stamps[m] for m in _STARTUP_PHASES.values()] + [ours]
+    split = ", ".join(f"{name} {b - a:.1f} s" for name, a, b in zip([*_STARTUP_PHASES, "model, loader, step 1"],
+                                                                     [0.0, *ends], ends) if a is not None and b)
+    init = re.search(r"d2v pretrain: ray: .*\(([\d.]+) s\)", out)  # the driver times its ray.init
     return [Row("train_startup_s", ours, ref, ours / ref, "s", "report",
                 "submit -> first step: `d2v pretrain vision` tiny, 2 workers, local Ray vs the same training in a "
-                "plain process" + (f"; {'; '.join(phases)}" if phases else ""))]
+                f"plain process; console timeline: {split}" + (f" (ray.init {init[1]} s of it)" if init else ""))]
+
+
+# what the time before the first step goes to: phase name -> the console line that ends it
+_STARTUP_PHASES = {
+    "imports, config check, MLflow run, ray.init": "d2v pretrain: ray:",
+    "Train controller + worker group": "startup: Ray + worker group up",
+}
 
 
 # ------------------------------------------------------------------------------------------- train

@@ -86,9 +86,9 @@ def write_image_corpus(root: str, n: int, side: int, seed: int = 0) -> str:
     return src
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Sum of VmRSS over `pid` and all its descendants (Linux /proc; Ray's raylet, GCS and workers are
-    descendants of the driver that started them)."""
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc; Ray's raylet, GCS and workers are descendants of the
+    driver that started them)."""
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -98,10 +98,38 @@ def tree_rss_bytes(pid: int) -> int:
                 children.setdefault(ppid, []).append(int(d))
             except (OSError, IndexError, ValueError):
                 pass
-    total, todo = 0, [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
         todo += children.get(p, [])
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> dict[str, float]:
+    """User+system CPU seconds of `pid`'s process tree by role: "driver" (pid itself), "tasks" (Ray worker
+    processes, `ray::…`), "ray" (raylet, GCS, dashboard and other Ray services). Take two snapshots and
+    subtract: the processes must outlive the interval (a warm cluster), as a dead one's time is gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"driver": 0.0, "tasks": 0.0, "ray": 0.0}
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        role = "driver" if p == pid else "tasks" if cmd.startswith("ray::") else "ray"
+        out[role] += cpu
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Sum of VmRSS over `pid` and all its descendants."""
+    total = 0
+    for p in _tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
@@ -127,8 +155,10 @@ def peak_tree_rss(cmd: list[str], every: float = 0.05, env: dict | None = None) 
     return peak, time.perf_counter() - t0
 
 
-def time_to_line(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 600) -> tuple[float, str]:
-    """Run cmd to completion; → (seconds from start until an output line containing `marker`, full output)."""
+def time_to_line(cmd: list[str], marker: str, env: dict | None = None, timeout: float = 600,
+                 stamps: dict[str, float | None] | None = None) -> tuple[float, str]:
+    """Run cmd to completion; → (seconds from start until an output line containing `marker`, full output).
+    `stamps`: {other marker: None} filled in place with the seconds until each one's first line."""
     import subprocess
 
     t0, seen = time.perf_counter(), None
@@ -138,6 +168,9 @@ def time_to_line(cmd: list[str], marker: str, env: dict | None = None, timeout: 
         out.append(line)
         if seen is None and marker in line:
             seen = time.perf_counter() - t0
+        for m in stamps or {}:
+            if stamps[m] is None and m in line:
+                stamps[m] = time.perf_counter() - t0
         if time.perf_counter() - t0 > timeout:
             proc.kill()
             break

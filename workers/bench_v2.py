@@ -70,11 +70,21 @@ def bench_v2_student_step(warmup: int, runs: int, batch: int = 8) -> list[Row]:
     t1, t2 = median_times_interleaved([step_v1, step_v2], warmup, runs)
     per1, per2 = t1 / batch, t2 / (batch * M)
     kept = int((~flat[0]).sum())
+    flops = _flops(step_v2) / (batch * M) / (_flops(step_v1) / batch)  # what the time ratio can't beat
     return [Row("v2_student_step_vs_v1", per2, per1, per2 / per1, "s/sample", "<= 0.25",
                 f"ViT-B/16 224^2 batch {batch}, fwd+bwd+AdamW: v2 {t2:.2f} s/step = {batch}x{M} sample-masks "
                 f"({kept}+1 of 197 tokens encoded, 6-layer conv decoder) vs v1 {t1:.2f} s/step "
                 f"({int(mask1[0].sum())}/196 masked, all 197 encoded); ours = v2 per sample-mask, reference = v1 "
-                "per sample")]
+                f"per sample; FLOP ratio (matmul, conv, attention; torch FlopCounterMode) {flops:.3f}")]
+
+
+def _flops(step) -> int:
+    """FLOPs of one call of `step` (fwd+bwd) as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops()
 
 
 # ------------------------------------------------------------------------------------------ EMA share
