@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +69,41 @@ def test_ctc_loss_of_a_confident_known_alignment_is_near_zero():
     logits = torch.nn.functional.one_hot(torch.tensor([align]), 4).float() * 30
     assert float(ctc_loss(logits, torch.tensor([7]), [[1, 2, 2]])) < 1e-6
     assert float(ctc_loss(logits, torch.tensor([7]), [[1, 2]])) > 10  # a different transcript is impossible
+
+
+def labelling_probs(log_probs: torch.Tensor, symbols: list[int]) -> dict[tuple[int, ...], float]:
+    """p(y | x) of every labelling y over `symbols` (the others have probability 0), by summing the
+    probability of every frame path that collapses to it (Graves et al. 2006, eq. 3)."""
+    out: dict[tuple[int, ...], float] = {}
+    for path in itertools.product(symbols, repeat=log_probs.shape[0]):
+        y = tuple(k for k, _ in itertools.groupby(path) if k != BLANK)
+        out[y] = out.get(y, 0.0) + math.exp(sum(float(log_probs[t, k]) for t, k in enumerate(path)))
+    return out
+
+
+def test_beam_search_finds_the_labelling_greedy_misses():
+    from workers.finetune.decode import beam_decode
+
+    vocab = CharVocab.from_texts(["A"])  # <pad> <s> </s> <unk> | A
+    probs = torch.full((1, 2, 6), 1e-6)
+    probs[0, :, BLANK], probs[0, :, 5] = 0.6, 0.4  # per frame: blank .6, A .4
+    # p("") = .6 * .6 = .36 (the best single path); p("A") = .4*.4 + .4*.6 + .6*.4 = .64
+    assert greedy_decode(probs.log()) == [[]] and beam_decode(probs.log(), None, vocab) == [[5]]
+    # random emissions over blank, | and A against the exhaustive sums: flashlight's search is approximate
+    # (it keeps a labelling ending in blank apart from the same one ending in its last symbol, so their
+    # probabilities are not added), yet it finds the most probable labelling more often than greedy does
+    g = torch.Generator().manual_seed(0)
+    exact = {"beam": 0, "greedy": 0}
+    for _ in range(12):
+        logits = torch.randn(2, 8, 6, generator=g) * 1.5  # (B, T, V)
+        logits[:, :, 1:4] = -math.inf  # <s> </s> <unk> never emitted: keeps the enumeration small
+        lengths = torch.tensor([8, 6])
+        found = {"beam": beam_decode(logits, lengths, vocab, 64), "greedy": greedy_decode(logits, lengths)}
+        for b in range(2):
+            p = labelling_probs(torch.log_softmax(logits[b, : lengths[b]], -1), [BLANK, 4, 5])
+            for k, ids in found.items():
+                exact[k] += p[tuple(ids[b])] == max(p.values())
+    assert exact["beam"] >= exact["greedy"] + 4, exact  # of 24; measured 21 vs 15
 
 
 def test_wer_cer_with_jiwer_against_hand_counted_edits():
@@ -164,6 +200,28 @@ def test_tiny_ctc_finetune_learns_and_transcribes(tmp_path, capsys):
     assert error_rates([u.text for u in test[:6]], got)["cer"] < 0.5
 
 
+def test_updates_budget_stops_the_last_epoch_part_way():
+    """Recipe.updates (fairseq max_update): exactly that many updates, the last epoch cut short, and the ASR
+    freeze a fraction of them; 20 utterances in batches of 8 are 3 updates an epoch."""
+    from workers.finetune.loop import fit as loop_fit
+
+    rng = np.random.default_rng(1)
+    train = [tone_utterance(rng, f"u-{i}") for i in range(20)]
+    cfg = get_preset("audio", "tiny")
+    torch.manual_seed(0)
+    enc = Encoder(cfg.model)
+    recipe = Recipe(lr=1e-3, epochs=99, batch_size=8, schedule="tri_stage", warmup=0.1, hold=0.4, updates=7)
+    task = AsrTask(AsrRecipe(freeze=0.3), recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster than two oversubscribed ones on a busy box
+    try:
+        out = loop_fit(task, cfg, enc, task.build_head(cfg, train), train, train[:2], recipe)
+    finally:
+        torch.set_num_threads(threads)
+    assert out["step"] == 7 and [h["step"] for h in out["history"]] == [3, 6, 7]
+    assert task.freeze_updates() == 2  # round(0.3 * 7)
+
+
 # ----------------------------------------------------------------------------------- Hugging Face export
 def test_hf_ctc_export_matches_transformers(tmp_path):
     transformers = require("transformers", "the independent reference for the CTC export")
@@ -205,3 +263,97 @@ def test_hf_ctc_export_matches_transformers(tmp_path):
     hf_text = processor.batch_decode(ids, skip_special_tokens=True)
     ours_text = [head2.vocab.decode(i) for i in greedy_decode(ours, valid.sum(-1))]
     assert [" ".join(t.split()) for t in hf_text[:1]] == ours_text[:1]  # first utterance is unpadded
+
+
+# --------------------------------------------------------------------------------------- the Ray Train job
+def tone_split(root, n_train: int, n_test: int):
+    """Tone "speech" (tone_utterance) as a LibriSpeech-layout corpus: train/ (speaker 7) and test/ (speaker 9)."""
+    rng = np.random.default_rng(5)
+    for split, spk, n in (("train", 7, n_train), ("test", 9, n_test)):
+        d = root / split / str(spk) / "1"
+        d.mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            u = tone_utterance(rng, f"{spk}-1-{i:04d}")
+            sf.write(d / f"{u.key}.flac", u.wave.numpy() * 0.1, SR)
+            lines.append(f"{u.key} {u.text}\n")
+        (d / f"{spk}-1.trans.txt").write_text("".join(lines))
+    return root
+
+
+def test_finetune_job_registers_a_recogniser_that_transcribes(capsys, tmp_path, mlflow_server, ray_local):
+    """`d2v finetune models:/data2vec-audio@candidate --task asr` as a real Ray Train job (1 worker, 160
+    updates: enough for transcripts that are not all blank). An MlflowClient reads back
+    data2vec-audio-asr@candidate with the parent's name/version and wer/cer tags, the parent version tagged
+    finetune.asr.wer/cer, and test_wer/test_cer on the run. From the registry alone, `d2v transcribe` and the
+    `d2v export` Hugging Face model (transformers Data2VecAudioForCTC + Wav2Vec2Processor, the independent
+    reference) give the same transcripts per test file, and jiwer over those is the recorded WER/CER."""
+    import jiwer
+    import mlflow
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from model.checkpoint import save_checkpoint
+    from model.data2vec import Data2Vec
+    from workers import tracking
+    from workers.cli import main
+
+    transformers = require("transformers", "the independent reference for the registered recogniser")
+    c = MlflowClient(mlflow_server)
+    cfg = get_preset("audio", "tiny")
+    torch.manual_seed(3)
+    ckpt = save_checkpoint(tmp_path / "enc", cfg, Data2Vec(cfg.model), state={"step": 1})
+    run = c.create_run(tracking.experiment_id("test-asr-source"))
+    c.log_artifacts(run.info.run_id, str(ckpt), "checkpoint")
+    _, parent = tracking.register_checkpoint(run.info.run_id, "checkpoint", "audio")
+    data = tone_split(tmp_path / "tones", 32, 6)
+
+    capsys.readouterr()
+    rc = main(["finetune", "models:/data2vec-audio@candidate", "--task", "asr", "--data", str(data / "train"),
+               "--set", "updates=160", "--set", "lr=4e-3", "--workers", "1", "--run-name", "ft-asr",
+               "--storage", str(tmp_path / "runs")])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err[-3000:]
+    out = json.loads(cap.out.strip().splitlines()[-1])
+    assert out["model"] == "models:/data2vec-audio-asr@candidate" and out["parent_version"] == parent
+    mv = c.get_model_version_by_alias("data2vec-audio-asr", "candidate")
+    assert mv.version == out["version"] and mv.run_id == out["run_id"] and mv.tags["task"] == "asr"
+    assert mv.tags["parent.name"] == "data2vec-audio" and mv.tags["parent.version"] == parent
+    assert (float(mv.tags["test.wer"]), float(mv.tags["test.cer"])) == (out["wer"], out["cer"])
+    ptags = c.get_model_version("data2vec-audio", parent).tags
+    assert (float(ptags["finetune.asr.wer"]), float(ptags["finetune.asr.cer"])) == (out["wer"], out["cer"])
+    assert ptags["finetune.asr.model"] == f"data2vec-audio-asr/{mv.version}"
+    for key in ("wer", "cer"):
+        assert c.get_metric_history(out["run_id"], f"test_{key}")[-1].value == out[key]
+    assert [m.step for m in c.get_metric_history(out["run_id"], "train_loss")][-1] == 160  # 4 updates an epoch, 40 epochs
+
+    # the registered artifacts: encoder + head weights (safetensors) + the vocabulary, no optimizer state
+    art = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "registered")))
+    assert {"model.safetensors", "config.yaml", "head.safetensors", "head_config.json"} <= {p.name for p in art.iterdir()}
+    assert not (art / "optimizer.pt").exists()
+    head_cfg = json.loads((art / "head_config.json").read_text())
+    assert head_cfg["task"] == "asr" and head_cfg["vocab"]["symbols"] == ["<pad>", "<s>", "</s>", "<unk>", "|", "A", "B", "C"]
+    assert load_file(art / "head.safetensors")["proj.weight"].shape == (8, cfg.model.trunk.dim)
+
+    files = sorted(str(p) for p in (data / "test").rglob("*.flac"))
+    refs = dict(line.split(" ", 1) for line in (data / "test" / "9" / "1" / "9-1.trans.txt").read_text().splitlines())
+    assert main(["transcribe", "models:/data2vec-audio-asr@candidate", *files]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r[0] for r in rows] == files
+    ours = [r[1] if len(r) > 1 else "" for r in rows]
+
+    assert main(["export", "models:/data2vec-audio-asr@candidate", "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    hf = transformers.Data2VecAudioForCTC.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    processor = transformers.Wav2Vec2Processor.from_pretrained(tmp_path / "hf")
+    theirs = []
+    for f in files:  # one file at a time, as `d2v transcribe` does
+        wave, sr = sf.read(f, dtype="float32")
+        with torch.no_grad():
+            ids = hf(**processor(wave, sampling_rate=sr, return_tensors="pt")).logits.argmax(-1)
+        theirs.append(" ".join(processor.batch_decode(ids)[0].split()))
+    assert ours == theirs and any(theirs)  # not all blank: the head's symbols are compared, not only its blank
+    texts = [refs[Path(f).stem] for f in files]
+    assert (jiwer.wer(texts, theirs), jiwer.cer(texts, theirs)) == pytest.approx((out["wer"], out["cer"]), abs=1e-12)
+    assert main(["transcribe", "models:/data2vec-audio-asr@candidate", "--beam", "8", *files]) == 0
+    assert [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()] == files

@@ -46,3 +46,14 @@ def test_verbose_leaves_ray_alone(tmp_path):
     with RunConsole(tmp_path / "driver.log", verbose=True) as console:
         console.attach()
     assert not (tmp_path / "driver.log").exists()
+
+
+def test_finetune_console_lines_carry_their_own_command(tmp_path, capsys):
+    dispatcher.add_handler("ray_print_logs", lambda batch: None)
+    try:
+        with RunConsole(tmp_path / "driver.log", command="finetune") as console:
+            console.attach()
+            dispatcher.emit(_batch(["[d2v rank 0] step 3/9 loss 1.25"]))
+    finally:
+        dispatcher.remove_handler("ray_print_logs")
+    assert capsys.readouterr().err.splitlines() == ["d2v finetune: step 3/9 loss 1.25"]

@@ -331,6 +331,8 @@ def test_recipe_overrides_fail_before_any_cluster_time(capsys, tmp_path, monkeyp
 
     r = apply_recipe_overrides(TASK.recipe("vision"), ["epochs=3", "lr=1e-3", "betas=[0.9, 0.95]"])
     assert (r.epochs, r.lr, r.betas) == (3, 1e-3, (0.9, 0.95))
+    budget = replace(r, updates=50)  # an updates budget: 50 updates at 4 an epoch = 13 epochs, the last cut short
+    assert budget.length(4) == (13, 50) and apply_recipe_overrides(budget, ["epochs=2"]).length(4) == (2, 8)
     for bad, match in (("model.trunk.depth=2", "KEY one of"), ("epochs=two", "epochs must be a int"),
                        ("layer_decay=1.5", "layer_decay=1.5")):
         with pytest.raises(ConfigError, match=match):

@@ -266,6 +266,34 @@ def test_tracking_uri_is_the_mlflow_service(label, spec, mlflow_service):
         assert u.port == mlflow_service["port"], f"{uri}: port != Service port {mlflow_service['port']}"
 
 
+@pytest.mark.parametrize("label,spec", ray_cluster_specs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_ray_pod_authenticates_to_mlflow_from_the_secret(label, spec, mlflow_service, monkeypatch):
+    """The MLflow server runs the basic-auth app; every Ray pod (the head runs the drivers that own the run,
+    the workers' rank 0 logs metrics) gets MLflow's standard credential variables: the user the server
+    bootstraps (its auth config, as MLflow's own reader parses it) and the password from the same Secret key
+    the server takes its admin password from. No literal password anywhere, not in the job's runtime_env."""
+    from mlflow.server.auth.config import read_auth_config
+
+    server_env = {e["name"]: e for e in mlflow_service["container"]["env"]}
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(INFRA / "mlflow" / "basic_auth.ini"))
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    admin = read_auth_config().admin_username
+    server_secret = server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert admin and server_secret.get("optional") is not True
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for c in pod_containers(group):
+            env = {e["name"]: e for e in c.get("env") or []}
+            assert env.get("MLFLOW_TRACKING_USERNAME", {}).get("value") == admin, f"{label}/{c['name']}: user"
+            password = env.get("MLFLOW_TRACKING_PASSWORD", {})
+            assert "value" not in password, f"{label}/{c['name']}: a literal password"
+            ref = password.get("valueFrom", {}).get("secretKeyRef")
+            assert ref == {"name": server_secret["name"], "key": server_secret["key"]}, f"{label}/{c['name']}: {ref}"
+    if label == "rayjob.yaml":  # job runtime_env is stored in Ray's job table: no credentials there
+        runtime_env = yaml.safe_load(load_one(RAYJOB)["spec"]["runtimeEnvYAML"])
+        assert not {"MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"} & set(runtime_env["env_vars"])
+
+
 def test_mlflow_k8s_server(mlflow_service, mlflow_server_args):
     c = mlflow_service["container"]
     env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}

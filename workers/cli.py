@@ -49,6 +49,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     out = pretrain(
         a.modality, a.data, preset=a.preset, version=a.version, overrides=a.set, workers=a.workers,
         gpus_per_worker=a.gpus_per_worker, run_name=a.run_name, storage=a.storage, verbose=a.verbose,
+        min_workers=a.min_workers,
     )
     print_summary(out, a.data)
 
@@ -151,7 +152,7 @@ def cmd_transcribe(a: argparse.Namespace) -> None:
     from .finetune.transcribe import main_transcribe
 
     try:
-        rows = main_transcribe(a.model, a.audio)
+        rows = main_transcribe(a.model, a.audio, beam=a.beam)
     except FinetuneError as err:
         raise CLIError(str(err)) from None
     for path, text in rows:
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", choices=("v1", "v2"), default=None, help=version_help)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     s.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    s.add_argument("--min-workers", type=int, default=None, metavar="N",
+                   help="elastic: after a node is lost, continue from the last checkpoint with the workers that fit "
+                   "(at least N; grows back to --workers when nodes return). Default: --workers (fixed; a lost "
+                   "node's capacity is waited for)")
     s.add_argument("--gpus-per-worker", type=float, default=0)
     s.add_argument("--run-name", default=None, help="same name = resume from its last checkpoint")
     s.add_argument("--storage", default=None, help="where the run's checkpoints go: a folder or s3://, gs:// "
@@ -222,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help="labelled data: classify: LABELLED/{train,test}/<class>/<file> or "
                    "a GLUE task dir (train.tsv, dev.tsv); asr: LibriSpeech layout (default: the modality's demo split)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="fine-tuning recipe override (lr, epochs, batch_size, ...), repeatable")
+                   help="fine-tuning recipe override (lr, epochs, updates, batch_size, ...), repeatable; "
+                   "updates=N: exactly N updates whatever the split's size (equal budgets)")
     s.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     s.add_argument("--gpus-per-worker", type=float, default=0)
     s.add_argument("--baseline", action="store_true",
@@ -271,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("transcribe", help="a CTC fine-tuned speech model's transcripts: FILE<TAB>TEXT per file")
     s.add_argument("model", help="fine-tuned checkpoint dir, runs:/..., or models:/data2vec-audio-asr@candidate")
+    s.add_argument("--beam", type=int, default=0, help="CTC beam search with this beam size (flashlight-text, no "
+                   "language model); 0 (default): greedy decoding, what fine-tuning reports WER/CER with")
     s.add_argument("audio", nargs="+", help="audio files (.flac, .wav, ...), 16 kHz or resampled")
     s.set_defaults(fn=cmd_transcribe)
     return p

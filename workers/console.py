@@ -28,8 +28,8 @@ _QUIET_LOGGERS = ("ray", "mlflow")  # this process's loggers whose INFO/WARNING 
 class RunConsole:
     """`with RunConsole(log_path, verbose): ...` around ray.init + fit; call `attach()` right after ray.init."""
 
-    def __init__(self, log_path: Path, verbose: bool = False):
-        self.path, self.verbose = Path(log_path), verbose
+    def __init__(self, log_path: Path, verbose: bool = False, command: str = "pretrain"):
+        self.path, self.verbose, self.command = Path(log_path), verbose, command  # command: the line prefix
         self.file = None
         self._recent: collections.deque[str] = collections.deque(maxlen=64)
         self._saved_levels: list[tuple[logging.Handler, int]] = []
@@ -83,7 +83,7 @@ class RunConsole:
             text = line[i + len(PROGRESS_MARK):].strip()
             if text not in self._recent:  # Train's print patch can deliver a line on stdout and stderr
                 self._recent.append(text)
-                print(f"d2v pretrain: {text}", file=sys.stderr, flush=True)
+                print(f"d2v {self.command}: {text}", file=sys.stderr, flush=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.file is None:
@@ -104,4 +104,4 @@ class RunConsole:
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = self._bar
         self.file.close()
         if exc_type is not None:
-            print(f"d2v pretrain: Ray's log of this run: {self.path}", file=sys.stderr, flush=True)
+            print(f"d2v {self.command}: Ray's log of this run: {self.path}", file=sys.stderr, flush=True)

@@ -141,8 +141,9 @@ def _placement(rank: int, world: int) -> list[dict]:
 
 def _placement_tags(placement: list[dict]) -> dict[str, str]:
     """MLflow tags d2v.rank_<r>.node_id: where each rank of the latest attempt ran (`ray list nodes` maps ids
-    to addresses)."""
-    return {f"d2v.rank_{p['rank']}.node_id": p["node_id"] for p in placement}
+    to addresses), and d2v.world_size: how many ranks it had (an elastic run may shrink or grow)."""
+    ranks = {f"d2v.rank_{p['rank']}.node_id": p["node_id"] for p in placement}
+    return {"d2v.world_size": str(len(placement)), **ranks}
 
 
 class _RankZeroLogger:
@@ -172,6 +173,10 @@ class _RankZeroLogger:
             from mlflow.entities import RunTag
 
             logger.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            # ranks of an earlier, larger attempt (an elastic run that lost a node) are not where it runs now
+            for k in logger.client.get_run(run_id).data.tags if tags else ():
+                if k.startswith("d2v.rank_") and k not in tags:
+                    logger.client.delete_tag(run_id, k)
         except Exception as err:  # noqa: BLE001 -- a tracking blip must not stop training
             print(f"[d2v rank 0] could not record the ranks' placement in MLflow: {err}", flush=True)
 
@@ -207,17 +212,24 @@ def pretrain(
     storage: str | Path | None = None,
     register: bool = True,
     verbose: bool = False,
+    min_workers: int | None = None,
 ) -> dict:
     """Train and register; the console shows progress and Ray's chatter goes to the run's driver.log
-    (workers/console.py), unless `verbose`. `version` None: the modality's default (presets.DEFAULT_VERSION)."""
+    (workers/console.py), unless `verbose`. `version` None: the modality's default (presets.DEFAULT_VERSION).
+    `min_workers` < `workers`: elastic (Ray Train's ScalingConfig(num_workers=(min, max))): after a node is lost
+    the run restarts from its last checkpoint with the workers the cluster still has room for, at least
+    min_workers, and grows back when capacity returns. None: fixed at `workers` (a lost node is waited for)."""
     overrides = list(overrides or [])
     version = version or default_version(modality)
     # 1. everything that can be wrong without a cluster
     cfg = resolve_config(modality, preset, version, overrides)
-    info = inspect_data(modality, data)
-    cfg = fit_config_to_data(cfg, info, overrides)
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    min_workers = workers if min_workers is None else min_workers
+    if not 1 <= min_workers <= workers:
+        raise ConfigError(f"--min-workers must be between 1 and --workers={workers}, got {min_workers}")
+    info = inspect_data(modality, data)
+    cfg = fit_config_to_data(cfg, info, overrides)
     tracking.check_reachable()
     run_name = run_name or f"{modality}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = _storage_path(storage)
@@ -238,7 +250,7 @@ def pretrain(
         print(f"d2v pretrain: ray: {how} ({time.time() - t_ray:.1f} s); Ray's log: {log_path}", file=sys.stderr,
               flush=True)
         try:
-            result = _fit(cfg, info, run_id, run_name, workers, gpus_per_worker, storage_path, t_ray)
+            result = _fit(cfg, info, run_id, run_name, (min_workers, workers), gpus_per_worker, storage_path, t_ray)
         except Exception as err:
             raise_if_failures_exhausted(err, cfg, run_id, run_name, storage_path)
             raise
@@ -254,12 +266,14 @@ def pretrain(
     return {**out, "log": str(log_path)}
 
 
-def _fit(cfg: Config, info: DataInfo, run_id: str, run_name: str, workers: int, gpus_per_worker: float,
-         storage_path: str, t_ray: float | None = None):
-    """The Ray Train run: TorchTrainer over `worker_entry`, one CPU (and GPUs) per DDP rank."""
+def _fit(cfg: Config, info: DataInfo, run_id: str, run_name: str, workers: int | tuple[int, int],
+         gpus_per_worker: float, storage_path: str, t_ray: float | None = None):
+    """The Ray Train run: TorchTrainer over `worker_entry`, one CPU (and GPUs) per DDP rank. workers: a
+    count, or (min, max) for an elastic worker group (equal bounds: fixed)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    low, workers = (workers, workers) if isinstance(workers, int) else workers
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config={
@@ -271,7 +285,7 @@ def _fit(cfg: Config, info: DataInfo, run_id: str, run_name: str, workers: int, 
             "run_dir": f"{storage_path.rstrip('/')}/{run_name}",  # metrics MLflow could not take wait here
         },
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=gpus_per_worker > 0,
+            num_workers=workers if low == workers else (low, workers), use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
         ),
         run_config=RunConfig(

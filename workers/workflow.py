@@ -6,6 +6,10 @@ of its inputs and config) is unchanged; a failed stage re-runs from there on the
 resumes from its last checkpoint: the run name is derived from the stage fingerprint). The state lives
 in `<data>.workflow.json` beside the shard directory. MLflow gets one parent run per workflow call and a
 child run per stage (status ran/skipped, fingerprint, links to the stage's own runs).
+
+With RAY_ADDRESS the stages run on that cluster (host:port: this process connects; http://: workers/cli.py
+submits the whole command as a Ray job). The stages' folders (--input, --data, --labelled, the state file)
+are plain paths: on a real cluster they must be on a filesystem every node mounts.
 """
 
 from __future__ import annotations
@@ -128,8 +132,7 @@ def run_workflow(plan: Plan) -> dict:
     pid = parent.info.run_id
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 2,
-                 runtime_env={"env_vars": _forwarded_env()})
+        _init_ray()
     try:
         src = plan.input
         if src is None:
@@ -208,8 +211,26 @@ def _version_exists(name: str, version: str) -> bool:
         return False
 
 
+def _init_ray() -> None:
+    """RAY_ADDRESS set: connect to that cluster, shipping this checkout and the storage/tracking variables as
+    the other stages do (pipelines/fs.py; inside a job submitted through the http:// Jobs form, which
+    workers/cli.py turns this command into, the job has both already). Else: a local instance."""
+    import ray
+
+    from pipelines.fs import cluster_runtime_env
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=cluster_runtime_env(str(REPO_ROOT)))
+        _say(f"ray: connected to {address}")
+    else:
+        ray.init(num_cpus=(os.cpu_count() or 1) + 2, runtime_env={"env_vars": _forwarded_env()})
+
+
 def _forwarded_env() -> dict[str, str]:
-    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "PYTHONPATH": str(REPO_ROOT)}
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    if not os.environ.get("RAY_ADDRESS"):  # local workers import this checkout; a cluster's get it as working_dir
+        env["PYTHONPATH"] = str(REPO_ROOT)
     if "D2V_STORAGE" in os.environ:
         env["D2V_STORAGE"] = os.environ["D2V_STORAGE"]
     return env

@@ -47,7 +47,7 @@ class Recipe:
     optimizer and LR schedule from these; anything else the recipe needs (frozen feature extractor,
     encoder frozen for the first updates, time/channel masking, label smoothing) the task applies in `loss`.
 
-    LR at update u of `total` (total = epochs * ceil(len(train) / batch_size)), times each group's scale:
+    LR at update u of `total` (total = `updates`, or epochs * ceil(len(train) / batch_size)), times each group's scale:
       schedule "tri_stage" (fairseq tri_stage): linear from lr*init_lr_scale to lr over warmup*total updates,
           held for hold*total, then exponential decay to lr*final_lr_scale at the end;
       schedule "linear" (fairseq polynomial_decay power 1, RoBERTa GLUE): linear warm-up over warmup*total,
@@ -71,14 +71,22 @@ class Recipe:
     betas: tuple[float, float] = (0.9, 0.98)
     clip_norm: float = 0.0  # gradient clipping by global norm (0 = off)
     seed: int = 0  # head init and shuffling
+    updates: int = 0  # > 0: exactly this many updates (fairseq max_update), epochs derived; 0: `epochs` decides
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.updates < 0:
             raise FinetuneError(f"recipe: lr={self.lr} must be > 0, epochs={self.epochs} and "
-                                f"batch_size={self.batch_size} >= 1")
+                                f"batch_size={self.batch_size} >= 1, updates={self.updates} >= 0")
         if not 0 <= self.warmup + self.hold <= 1 or not 0 < self.layer_decay <= 1:
             raise FinetuneError(f"recipe: warmup={self.warmup} + hold={self.hold} must lie in [0, 1] and "
                                 f"layer_decay={self.layer_decay} in (0, 1]")
+
+    def length(self, per_epoch: int) -> tuple[int, int]:
+        """-> (epochs, total updates) for `per_epoch` updates per epoch. With `updates`, the last epoch stops
+        part-way, so equal budgets are equal in updates whatever the size of the split."""
+        if self.updates > 0:
+            return -(-self.updates // per_epoch), self.updates
+        return self.epochs, self.epochs * per_epoch
 
 
 @runtime_checkable

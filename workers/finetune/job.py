@@ -72,6 +72,8 @@ def apply_recipe_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
             raise ConfigError(f"--set {item!r}: {key} must be a {want.__name__}, got {raw!r}")
         changes[key] = value
+    if "epochs" in changes and "updates" not in changes:  # an explicit epoch count replaces an updates budget
+        changes["updates"] = 0
     try:
         return dataclasses.replace(recipe, **changes)
     except FinetuneError as err:
@@ -183,7 +185,7 @@ def finetune(model: str, task: str, data: str | Path | None = None, overrides: l
     import ray
 
     log_path = run_log_path(storage_path, run_name)
-    with RunConsole(log_path, verbose) as console:
+    with RunConsole(log_path, verbose, command="finetune") as console:
         started = _init_ray(workers)
         console.attach()
         print(f"d2v finetune: {task} of {p.ref.given} on {p.data} ({len(p.train)} train / {len(p.test)} test); "

@@ -94,7 +94,7 @@ def fit(task: Task, cfg: Config, encoder: Encoder, head: nn.Module, train: list,
     opt = torch.optim.AdamW(param_groups(encoder, head, recipe), lr=recipe.lr, betas=recipe.betas)
     mine = shard(train, hooks.rank, hooks.world_size)
     per_rank, per_epoch = updates_per_epoch(len(mine), recipe.batch_size, hooks.world_size)
-    total = recipe.epochs * per_epoch
+    epochs, total = recipe.length(per_epoch)
     start_epoch, history = 0, []
     ckpt_ctx = hooks.latest_checkpoint()
     if ckpt_ctx is not None:
@@ -106,13 +106,15 @@ def fit(task: Task, cfg: Config, encoder: Encoder, head: nn.Module, train: list,
             torch.manual_seed(recipe.seed)
             task.warm_start(encoder, head, mine)
     model = hooks.prepare_model(Tuned(task, encoder, head))
-    step, every = start_epoch * per_epoch, max(1, recipe.epochs // 5)
-    for epoch in range(start_epoch, recipe.epochs):
+    step, every = start_epoch * per_epoch, max(1, epochs // 5)
+    for epoch in range(start_epoch, epochs):
         encoder.train()
         head.train()
         t0, losses = time.perf_counter(), []
         rng = np.random.default_rng([recipe.seed, epoch])
         for batch in task.batches(mine, per_rank, train=True, rng=rng):
+            if step >= total:  # recipe.updates ends the last epoch part-way
+                break
             s = lr_scale(step, total, recipe)
             for g in opt.param_groups:
                 g["lr"] = recipe.lr * g["lr_scale"] * s
@@ -131,21 +133,21 @@ def fit(task: Task, cfg: Config, encoder: Encoder, head: nn.Module, train: list,
         mean = float(np.mean(losses)) if losses else float("nan")
         history.append({"epoch": done, "step": step, "loss": mean})
         if hooks.rank == 0:
-            hooks.progress(f"epoch {done}/{recipe.epochs} loss {mean:.4f} lr {recipe.lr * s:.2e} "
+            hooks.progress(f"epoch {done}/{epochs} loss {mean:.4f} lr {recipe.lr * s:.2e} "
                            f"({time.perf_counter() - t0:.1f}s)")
             if hooks.log_metrics is not None:
                 hooks.log_metrics({"train_loss": mean, "lr": recipe.lr * s, "epoch": done}, step)
         if on_epoch is not None:
             on_epoch(done, {"loss": mean, "head": head})
-        if done == recipe.epochs:
+        if done == epochs:
             break
         if done % every == 0:
             checkpoint(task, cfg, hooks, encoder, head, opt, done, step, history, {}, tokenizer)
     metrics = task.evaluate(encoder, head, test) if hooks.rank == 0 else {}
     if hooks.rank == 0 and hooks.log_metrics is not None:
         hooks.log_metrics({f"test_{k}": v for k, v in metrics.items()}, step)
-    out = {"epoch": recipe.epochs, "step": step, **{f"test_{k}": v for k, v in metrics.items()}}
-    checkpoint(task, cfg, hooks, encoder, head, opt, recipe.epochs, step, history, out, tokenizer)
+    out = {"epoch": epochs, "step": step, **{f"test_{k}": v for k, v in metrics.items()}}
+    checkpoint(task, cfg, hooks, encoder, head, opt, epochs, step, history, out, tokenizer)
     return {**out, "history": history, **metrics}
 
 

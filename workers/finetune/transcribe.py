@@ -1,5 +1,5 @@
-"""`d2v transcribe MODEL AUDIO...`: a CTC fine-tuned model's greedy transcripts, one line per file; and the
-Hugging Face export of such a model (`Data2VecAudioForCTC` + Wav2Vec2Processor files).
+"""`d2v transcribe MODEL AUDIO... [--beam N]`: a CTC fine-tuned model's transcripts (greedy, or beam search),
+one line per file; and the Hugging Face export of such a model (`Data2VecAudioForCTC` + Wav2Vec2Processor).
 
 MODEL is a fine-tuned checkpoint directory (workers/finetune/__init__ layout: encoder `model.safetensors`,
 `head.safetensors`, `head_config.json` with task "asr"), `runs:/…` or `models:/data2vec-audio-asr@candidate`
@@ -42,14 +42,15 @@ def load_asr(ckpt: str | Path) -> tuple[Config, Encoder, AsrHead]:
     return cfg, enc, head.eval()
 
 
-def transcribe_files(ckpt: str | Path, files: list[Path]) -> list[str]:
+def transcribe_files(ckpt: str | Path, files: list[Path], beam: int = 0) -> list[str]:
+    """Each file's transcript: greedy, or CTC beam search of width `beam` (workers/finetune/decode.py)."""
     cfg, enc, head = load_asr(ckpt)
     utts = load_waves([Utterance(Path(f).stem, Path(f), "", "") for f in files], cfg)
     out = []
     for u in utts:
         batch = collate([u])
         batch["keys"] = None  # no feature cache outside fine-tuning
-        out.append(transcribe(enc, head, batch)[0])
+        out.append(transcribe(enc, head, batch, beam)[0])
     return out
 
 
@@ -63,13 +64,15 @@ def export_asr_hf(ckpt: str | Path, out_dir: str | Path) -> Path:
     return export_hf_ctc(enc, cfg, state, out_dir, files, final_dropout=head.dropout.p)
 
 
-def main_transcribe(model: str, audio: list[str]) -> list[tuple[str, str]]:
+def main_transcribe(model: str, audio: list[str], beam: int = 0) -> list[tuple[str, str]]:
     """The CLI: resolve MODEL, transcribe each file -> [(file, transcript)]."""
     from ..registry import resolve_model
 
     missing = [a for a in audio if not Path(a).is_file()]
     if missing:
         raise FinetuneError(f"{missing[0]}: no such audio file")
+    if beam < 0:
+        raise FinetuneError(f"--beam {beam}: a beam size is >= 1 (or 0 for greedy decoding)")
     with torch.inference_mode():
-        texts = transcribe_files(resolve_model(model), [Path(a) for a in audio])
+        texts = transcribe_files(resolve_model(model), [Path(a) for a in audio], beam)
     return list(zip(audio, texts))
