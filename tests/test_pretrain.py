@@ -74,38 +74,38 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    overrides = ["train.max_steps=16", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
+    overrides = ["train.max_steps=32", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
                  "data.num_workers=1"]
     first = pretrain("text", shards, overrides=overrides, workers=2, run_name=name, storage=tmp_path)
     t.join(timeout=5)
     assert killed, f"no Train worker of this run was found to kill {errors}"
-    assert first["step"] == 16
-    assert json.loads((run_dir / "step_00000016" / "state.json").read_text())["step"] == 16
+    assert first["step"] == 32
+    assert json.loads((run_dir / "step_00000032" / "state.json").read_text())["step"] == 32
     assert "resumed from checkpoint at step" in "".join(capfd.readouterr())  # progress: our console (stderr)
 
-    overrides[0] = "train.max_steps=20"
+    overrides[0] = "train.max_steps=36"
     p, port = _pretrain_on_ray_head(["text", "--data", str(shards), "--workers", "2", "--run-name", name],
                                     overrides, {"D2V_STORAGE": str(tmp_path)}, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     driver_log = (run_dir / "driver.log").read_text()  # Ray's own chatter goes here, not to the console
     assert f":{port}" in driver_log and "Connected to Ray cluster" in driver_log  # that cluster, not a new one
-    assert "resumed from checkpoint at step 16" in p.stderr
+    assert "resumed from checkpoint at step 32" in p.stderr
     # a console that reads like a product: each line once, no traceback, no Ray internals, a closing summary
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == len(set(lines)), [line for line in lines if lines.count(line) > 1]
     assert "Traceback" not in p.stderr and "TrainingReport(" not in p.stderr and "RayTrainWorker" in driver_log
-    assert any(line.startswith("d2v pretrain: step 20/20") for line in lines), p.stderr[-2000:]
+    assert any(line.startswith("d2v pretrain: step 36/36") for line in lines), p.stderr[-2000:]
     summary = lines[lines.index(next(line for line in lines if line.startswith("d2v pretrain: done:"))):]
     assert [line.split()[0] for line in summary[1:]] == ["data", "checkpoint", "model", "MLflow", "log"], summary
     version = json.loads(p.stdout.splitlines()[-1])["version"]
     assert str(run_dir / "driver.log") in summary[-1] and f"(version {version})" in summary[3]
     second = json.loads(p.stdout.strip().splitlines()[-1])
-    assert second["step"] == 20 and second["run_id"] == first["run_id"]
-    assert json.loads((run_dir / "step_00000020" / "state.json").read_text())["step"] == 20
+    assert second["step"] == 36 and second["run_id"] == first["run_id"]
+    assert json.loads((run_dir / "step_00000036" / "state.json").read_text())["step"] == 36
     c = _client()
-    assert c.get_run(second["run_id"]).data.tags["d2v.resume_1"] == "train.max_steps: 16 -> 20"  # recorded
+    assert c.get_run(second["run_id"]).data.tags["d2v.resume_1"] == "train.max_steps: 32 -> 36"  # recorded
     steps = [m.step for m in c.get_metric_history(second["run_id"], "loss")]
-    assert steps[-1] == 20 and 16 in steps
+    assert steps[-1] == 36 and 32 in steps
     assert c.get_model_version_by_alias("data2vec-text", "candidate").version == second["version"]
 
 
