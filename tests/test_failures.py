@@ -331,3 +331,29 @@ def test_collapse_stop_and_failures_exhausted_end_with_exit_codes(stop_drivers, 
         (run,) = c.search_runs([exp], filter_string=f"tags.`d2v.run_name` = '{name}'")
         assert run.info.status == "FAILED" and reason in run.data.tags["d2v.end_reason"]
     assert re.search(r"The last whole checkpoint, step_\d{8}, is kept in ", results["fails"][1])
+
+
+def test_drivers_starting_together_share_one_experiment(mlflow_server):
+    """Drivers that start at the same moment (as the two above do) may all find the experiment missing and all
+    create it; the losers of that race read the winner's id instead of failing with RESOURCE_ALREADY_EXISTS."""
+    from mlflow import MlflowClient
+
+    from workers import tracking
+
+    name, n = f"d2v-race-{os.getpid()}", 6
+    gate, ids, errors = threading.Barrier(n), [], []
+
+    def start():
+        gate.wait()
+        try:
+            ids.append(tracking.experiment_id(name))
+        except Exception as err:  # what the driver would have died with
+            errors.append(repr(err)[:300])
+
+    threads = [threading.Thread(target=start) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(ids) == n and len(set(ids)) == 1, (errors, ids)
+    assert MlflowClient(mlflow_server).get_experiment_by_name(name).experiment_id == ids[0]

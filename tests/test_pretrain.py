@@ -61,16 +61,23 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
             return False
 
     def killer():
-        deadline = time.monotonic() + 300
+        # The worker is looked up while the run starts (Ray's state API can take seconds on a loaded box), so
+        # the kill itself follows the first committed checkpoint within ~0.1 s, long before step 32.
+        deadline, worker = time.monotonic() + 300, None
+        while time.monotonic() < deadline and worker is None:
+            try:
+                worker = _train_worker_of_this_run()
+            except Exception as err:  # ray.init not done yet in this process
+                errors[:] = [repr(err)]
+            time.sleep(0.2)
         while time.monotonic() < deadline and not committed("step_00000004"):
-            time.sleep(0.1)
-        try:
-            worker = _train_worker_of_this_run()
-            if worker:
+            time.sleep(0.05)
+        if worker is not None:
+            try:
                 os.kill(worker[1], signal.SIGKILL)
                 killed.append(worker)
-        except Exception as err:  # surfaces in the assert below instead of dying with the thread
-            errors.append(repr(err))
+            except OSError as err:  # surfaces in the assert below instead of dying with the thread
+                errors.append(repr(err))
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()

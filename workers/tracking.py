@@ -74,11 +74,21 @@ def check_reachable() -> None:
 
 
 def experiment_id(name: str) -> str:
+    """Id of experiment `name`, created if missing. Two drivers starting at once may both find it missing:
+    the one whose create loses the race (RESOURCE_ALREADY_EXISTS) reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=default_artifact_root())
+    try:
+        return c.create_experiment(name, artifact_location=default_artifact_root())
+    except MlflowException as err:
+        exp = c.get_experiment_by_name(name)
+        if exp is None or "ALREADY_EXISTS" not in f"{err.error_code} {err}":
+            raise
+        return exp.experiment_id
 
 
 def git_commit() -> str:
