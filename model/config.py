@@ -60,6 +60,10 @@ class AudioFrontendConfig(_Strict):
     pos_conv_kernel: int = Field(19, ge=1, description="kernel of each positional conv layer")
     pos_conv_groups: int = Field(16, ge=1, description="groups of each positional conv layer")
     feature_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the extracted features")
+    feature_grad_mult: float = Field(
+        1.0, ge=0, description="scale of the gradient reaching the conv extractor (fairseq feature_grad_mult): "
+        "forward unchanged, backward x this; 1 = full gradient (data2vec), .1 = wav2vec 2.0, 0 = extractor frozen",
+    )
     alibi: bool = Field(
         False, description="ALiBi attention bias (-|i-j| x per-head slope) with a learned per-head scale, one bias "
         "for all blocks (data2vec 2.0 speech)",

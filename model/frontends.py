@@ -94,6 +94,22 @@ class _PosConvLayer(nn.Module):
         return F.gelu(F.layer_norm(x.transpose(1, 2), (self.dim,), eps=1e-5).transpose(1, 2))
 
 
+class GradMultiply(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by `scale` (fairseq's GradMultiply).
+
+    Lets the conv extractor learn slower than the rest without changing what it computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)  # a view, so autograd records this node (x itself would be returned as is)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 def audio_frames(num_samples: int | torch.Tensor, conv_layers: list[tuple[int, int, int]]):
     """Number of feature frames the conv extractor produces from num_samples waveform samples."""
     n = num_samples
@@ -115,6 +131,8 @@ class AudioFrontend(nn.Module):
             layers.append(_ConvLayer(c_in, c, k, s, cfg.conv_bias))
             c_in = c
         self.conv = nn.ModuleList(layers)
+        if cfg.feature_grad_mult == 0:  # frozen (fairseq runs it under no_grad): out of the optimiser and DDP
+            self.conv.requires_grad_(False)
         self.proj_norm = nn.LayerNorm(c_in, eps=ln_eps)
         self.proj = nn.Linear(c_in, dim)
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)
@@ -125,9 +143,7 @@ class AudioFrontend(nn.Module):
         self.alibi = ALiBi(heads) if cfg.alibi else None
 
     def features(self, wav: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        x = wav[:, None, :]  # (B, 1, S)
-        for layer in self.conv:
-            x = layer(x)  # (B, C, T)
+        x = self._extract(wav[:, None, :])  # (B, C, T)
         x = self.feature_dropout(self.proj(self.proj_norm(x.transpose(1, 2))))  # (B, T, D)
         pad = None
         if padding_mask is not None:
@@ -136,6 +152,16 @@ class AudioFrontend(nn.Module):
             if not pad.any():
                 pad = None
         return x, pad
+
+    def _extract(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S) waveform -> (B, C, T) conv features; the gradient into the convs x feature_grad_mult."""
+        mult = self.cfg.feature_grad_mult
+        with torch.set_grad_enabled(torch.is_grad_enabled() and mult > 0):
+            for layer in self.conv:
+                x = layer(x)  # (B, C, T)
+        if mult not in (0.0, 1.0) and x.requires_grad:
+            x = GradMultiply.apply(x, mult)
+        return x
 
     def contextualize(self, x: torch.Tensor, padding_mask: torch.Tensor | None, keep: torch.Tensor | None = None):
         if padding_mask is not None:

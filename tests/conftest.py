@@ -168,6 +168,11 @@ def ray_local():
         ray.shutdown()
 
 
+# MLflow >= 3.5's server starts a job runner with seven huey consumer processes (GenAI jobs, unused by d2v) that
+# import MLflow and poll continuously: ~20 CPU-s per start and ~17 % of a core while it runs, on a 2-core box
+NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow_server(root: Path, artifacts: str) -> tuple[str, subprocess.Popen]:
     """`mlflow server` on a free loopback port (sqlite backend in `root`, proxied artifacts in `artifacts`: a
     folder or s3://...); returns (uri, process) once /health answers."""
@@ -182,7 +187,7 @@ def start_mlflow_server(root: Path, artifacts: str) -> tuple[str, subprocess.Pop
                 [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                  "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
                  "--workers", "1"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=root,
+                stdout=log, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, **NO_JOB_RUNNER},
             )
         # uvicorn logs this line only after *it* bound the port, so /health then answers from our process
         # (on a taken port it logs Errno 98 and exits 0)

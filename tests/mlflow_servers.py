@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import on_free_port, wait_for_start
+from tests.conftest import NO_JOB_RUNNER, on_free_port, wait_for_start
 
 ADMIN = "d2v-admin"
 
@@ -39,6 +39,7 @@ class MlflowServer:
 
     def _server_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(NO_JOB_RUNNER)
         if self.auth:
             ini = self.root / "basic_auth.ini"
             ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"

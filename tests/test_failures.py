@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from tests.mlflow_servers import MlflowServer
+from tests.runs import Lines, alive, registered, wait_for, worker_pids
 from tests.test_train import run_until, tiny
 from workers.resume import checkpoint_problem, newest_whole, next_name
 
@@ -106,55 +106,6 @@ def _pretrain_args(shards: Path, name: str, overrides: list[str]) -> list[str]:
     return args
 
 
-def _registered(run_dir: Path) -> list[str]:
-    """Checkpoints Ray Train has registered (its controller's snapshot), oldest first."""
-    try:
-        text = (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
-        return []
-    return sorted(set(re.findall(r"step_\d{8}(?:\.\d+)?", text)))
-
-
-def _wait(cond, what: str, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while not (got := cond()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return got
-
-
-def _worker_pids(run_dir: Path) -> set[int]:
-    """Train worker processes of a run, from the pids its driver.log gives each forwarded worker line."""
-    try:
-        return {int(p) for p in re.findall(r"pid=(\d+)\) \[d2v rank \d+\]", (run_dir / "driver.log").read_text())}
-    except OSError:
-        return set()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-class Lines:
-    """Collect a process's stderr lines in a thread, so the test can wait for one while it runs."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self.t = threading.Thread(target=lambda: self.lines.extend(iter(proc.stderr.readline, "")), daemon=True)
-        self.t.start()
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in list(self.lines))
-
-    def text(self) -> str:
-        self.t.join(timeout=30)
-        return "".join(self.lines)
-
-
 def _run_text(c, run_id: str, tmp: Path) -> str:
     """Everything MLflow holds for a run, as text: params, tags, metric keys, every artifact's bytes."""
     run = c.get_run(run_id)
@@ -182,8 +133,8 @@ def stop_drivers(demo_shards, ray_local, mlflow_server, tmp_path_factory):
 
     def collect(name: str, proc: subprocess.Popen) -> None:
         if name == "fails":
-            _wait(lambda: "step_00000002" in _registered(storage / name) or proc.poll() is not None, "fails: step 2")
-            os.kill(min(_wait(lambda: _worker_pids(storage / name), "its workers' pids")), signal.SIGKILL)
+            wait_for(lambda: "step_00000002" in registered(storage / name) or proc.poll() is not None, "fails: step 2")
+            os.kill(min(wait_for(lambda: worker_pids(storage / name), "its workers' pids")), signal.SIGKILL)
         errors[name] = proc.communicate(timeout=600)[1]
 
     threads = [threading.Thread(target=collect, args=item, daemon=True) for item in procs.items()]
@@ -228,19 +179,19 @@ def test_driver_killed_torn_checkpoints_tracking_away_then_register(demo_shards,
     try:
         # 1. the driver dies (no chance to clean up) once step 6 is registered; its job's workers go with it
         first = _cli(args, env)
-        _wait(lambda: "step_00000006" in _registered(run_dir) or first.poll() is not None, "checkpoint step 6")
+        wait_for(lambda: "step_00000006" in registered(run_dir) or first.poll() is not None, "checkpoint step 6")
         assert first.poll() is None, first.communicate()[1][-3000:]
         first.send_signal(signal.SIGKILL)
         first.communicate()
-        workers = _worker_pids(run_dir)
+        workers = worker_pids(run_dir)
         assert workers
-        _wait(lambda: not any(_alive(p) for p in workers), "the killed job's Train workers to go", 120)
+        wait_for(lambda: not any(alive(p) for p in workers), "the killed job's Train workers to go", 120)
         c = MlflowClient(server.uri)
         (run,) = c.search_runs([c.get_experiment_by_name("d2v-audio").experiment_id])
         assert run.info.status == "RUNNING"  # nobody closed it
 
         # 2. tear the two newest registered checkpoints
-        kept = _registered(run_dir)
+        kept = registered(run_dir)
         assert len(kept) == 3, kept
         _tear(run_dir / kept[2], "truncated model.safetensors")
         _tear(run_dir / kept[1], "missing state.json")
@@ -251,7 +202,7 @@ def test_driver_killed_torn_checkpoints_tracking_away_then_register(demo_shards,
         blip.log({"loss": 1.0}, 1)
         second = _cli(args, {**env, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
         err = Lines(second)
-        _wait(lambda: err.has("d2v pretrain: ray: connected") or second.poll() is not None, "the driver on Ray")
+        wait_for(lambda: err.has("d2v pretrain: ray: connected") or second.poll() is not None, "the driver on Ray")
         server.stop()
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         blip.log({"loss": 2.0}, 2)  # must not raise: held
@@ -266,7 +217,7 @@ def test_driver_killed_torn_checkpoints_tracking_away_then_register(demo_shards,
         command = f"d2v register {name} --storage {storage}"
         assert command in text and "Traceback" not in text
         assert "kept for `d2v register`" in text and list(run_dir.glob("unsent_metrics-*.jsonl"))
-        assert checkpoint_problem(LocalFileSystem(), str(run_dir / _registered(run_dir)[-1])) is None
+        assert checkpoint_problem(LocalFileSystem(), str(run_dir / registered(run_dir)[-1])) is None
 
         # 4. the server is back: what was held arrives; the printed command records the run
         server.start()

@@ -32,17 +32,17 @@ def _client():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def _train_worker_of_this_run() -> tuple[str, int] | None:
-    """(actor id, pid) of one live Ray Train worker actor of this driver's job on this node, from Ray's state
-    API (so another session's or an earlier run's workers on the machine are never touched); None if none."""
+def _train_workers_of_this_job() -> set[tuple[str, int]]:
+    """(actor id, pid) of the live Ray Train worker actors of this process's Ray job on this node, from Ray's
+    state API (another session's workers on the machine are never touched). In a full test session this job is
+    the session cluster's, so earlier in-process runs' workers may still be listed: callers subtract those."""
     import ray
     from ray.util.state import list_actors
 
     ctx = ray.get_runtime_context()
     actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
                                   ("job_id", "=", ctx.get_job_id()), ("node_id", "=", ctx.get_node_id())])
-    live = sorted((a.actor_id, a.pid) for a in actors if a.pid)
-    return live[-1] if live else None
+    return {(a.actor_id, a.pid) for a in actors if a.pid}
 
 
 def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, mlflow_server, tmp_path, capfd):
@@ -66,7 +66,8 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
         deadline, worker = time.monotonic() + 300, None
         while time.monotonic() < deadline and worker is None:
             try:
-                worker = _train_worker_of_this_run()
+                mine = _train_workers_of_this_job() - earlier
+                worker = min(mine) if mine else None
             except Exception as err:  # ray.init not done yet in this process
                 errors[:] = [repr(err)]
             time.sleep(0.2)
@@ -79,6 +80,9 @@ def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, 
             except OSError as err:  # surfaces in the assert below instead of dying with the thread
                 errors.append(repr(err))
 
+    import ray
+
+    earlier = _train_workers_of_this_job() if ray.is_initialized() else set()  # other tests' runs on the session Ray
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     overrides = ["train.max_steps=32", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
