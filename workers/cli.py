@@ -289,6 +289,27 @@ def _runs_on_ray(a: argparse.Namespace) -> bool:
     return a.command in ("shard", "pretrain", "workflow", "finetune") or (a.command == "embed" and a.data is not None)
 
 
+def _outcomes() -> list[tuple[tuple[type[Exception], ...], int, str]]:
+    """(exceptions, exit code, what the console line says) for the errors d2v explains in one paragraph; what
+    each code means for `d2v pretrain`: workers/resume.py EXIT_CODES."""
+    from model.config import ConfigError
+
+    from .embed import InputError
+    from .evaluate import EvaluationError
+    from .finetune import FinetuneError
+    from .pretrain import DataError
+    from .resume import AlreadyComplete, FailuresExhausted, RecordPending
+    from .tracking import TrackingUnavailable
+    from .train import TrainingStopped
+    from .workflow import WorkflowError
+
+    usage = (CLIError, ConfigError, InputError, FileNotFoundError, FileExistsError, DataError, TrackingUnavailable,
+             EvaluationError, FinetuneError)
+    return [(usage, 2, "error"), ((WorkflowError,), 1, "error"), ((TrainingStopped,), 3, "training stopped"),
+            ((FailuresExhausted,), 4, "error"), ((RecordPending,), 5, "not recorded"),
+            ((AlreadyComplete,), 6, "nothing to do")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -310,42 +331,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"d2v {args.command}: error: RAY_ADDRESS={jobs_address()!r} refused the job: {err}", file=sys.stderr)
             return 2
         return 0
-    from model.config import ConfigError
-
-    from .embed import InputError
-    from .evaluate import EvaluationError
-    from .finetune import FinetuneError
-    from .pretrain import DataError
-    from .resume import AlreadyComplete, FailuresExhausted, RecordPending
-    from .tracking import TrackingUnavailable
-    from .train import TrainingStopped
-    from .workflow import WorkflowError
-
     try:
         args.fn(args)
-    except (CLIError, ConfigError, InputError, FileNotFoundError, FileExistsError, DataError,
-            TrackingUnavailable, EvaluationError, FinetuneError) as err:
-        print(f"d2v {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except ConnectionError as err:  # ray.init could not reach RAY_ADDRESS
         print(f"d2v {args.command}: error: cannot reach the Ray cluster (RAY_ADDRESS="
               f"{os.environ.get('RAY_ADDRESS', '')!r}): {err}", file=sys.stderr)
         return 2
-    except WorkflowError as err:
-        print(f"d2v {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except TrainingStopped as err:
-        print(f"d2v {args.command}: training stopped: {err}", file=sys.stderr)
-        return 3
-    except FailuresExhausted as err:  # exit codes: workers/resume.py EXIT_CODES
-        print(f"d2v {args.command}: error: {err}", file=sys.stderr)
-        return 4
-    except RecordPending as err:
-        print(f"d2v {args.command}: not recorded: {err}", file=sys.stderr)
-        return 5
-    except AlreadyComplete as err:
-        print(f"d2v {args.command}: nothing to do: {err}", file=sys.stderr)
-        return 6
+    except Exception as err:
+        for kinds, code, said in _outcomes():
+            if isinstance(err, kinds):  # one paragraph, no traceback
+                print(f"d2v {args.command}: {said}: {err}", file=sys.stderr)
+                return code
+        raise  # a bug: Python's traceback (exit 1)
     return 0
 
 
