@@ -154,6 +154,9 @@ def audio_base() -> Config:
     projection and regression head keep PyTorch's default init (they sit outside the module it is
     applied to). Collapse guard as the reference: stop when target std < .1 or prediction std < .01
     after 5,000 updates.
+    Extractor: trained at the full gradient (feature_grad_mult 1.0, wav2vec 2.0 uses .1); the teacher averages
+    only the transformer (ema_transformer_only) and takes the student's own extractor + projection output as
+    its input, without gradient (fairseq runs the teacher under no_grad; d2v detaches, `teacher_targets`).
     Deviations: batches are filled in shuffled stream order, not length-sorted buckets as fairseq's
     batch_by_size, so cropping to the shortest clip discards more audio per batch.
     """
@@ -161,7 +164,7 @@ def audio_base() -> Config:
         preset="audio-base",
         model=ModelConfig(
             modality="audio",
-            frontend=AudioFrontendConfig(),
+            frontend=AudioFrontendConfig(feature_grad_mult=1.0),
             trunk=TrunkConfig(
                 dim=768, depth=12, heads=12, ffn_dim=3072, norm_style="post", ln_eps=1e-5,
                 qkv_bias="qkv", input_norm=True, dropout=0.1, attn_dropout=0.1, activation_dropout=0.0,

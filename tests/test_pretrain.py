@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.runs import Lines, registered, wait_for, worker_pids
 from workers.pretrain import DataError, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,67 +31,46 @@ def _client():
     return MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 
 
-def _train_workers_of_this_job() -> set[tuple[str, int]]:
-    """(actor id, pid) of the live Ray Train worker actors of this process's Ray job on this node, from Ray's
-    state API (another session's workers on the machine are never touched). In a full test session this job is
-    the session cluster's, so earlier in-process runs' workers may still be listed: callers subtract those."""
-    import ray
-    from ray.util.state import list_actors
-
-    ctx = ray.get_runtime_context()
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-                                  ("job_id", "=", ctx.get_job_id()), ("node_id", "=", ctx.get_node_id())])
-    return {(a.actor_id, a.pid) for a in actors if a.pid}
-
-
-def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, mlflow_server, tmp_path, capfd):
-    """1. SIGKILL one Train worker mid-run: the group restarts from the last checkpoint and finishes.
+def test_worker_failure_recovers_then_resume_by_name_on_a_ray_head(demo_shards, ray_local, mlflow_server, tmp_path):
+    """1. `d2v pretrain` on the session's Ray (RAY_ADDRESS): one Train worker is SIGKILLed right after the
+       step-4 checkpoint is registered; the group restarts from the last checkpoint and finishes, and the
+       console says so.
     2. `ray start --head` on 127.0.0.1, then `d2v pretrain` with RAY_ADDRESS (code shipped as working_dir)
        under the same run name with more steps: it continues from the last step in the same MLflow run."""
     _, shards = demo_shards("text")
     name = "resume-text"
     run_dir = tmp_path / name
-    killed, errors = [], []
-
-    def committed(step_dir: str) -> bool:  # Ray Train's controller lists a checkpoint once it is registered
-        try:
-            return step_dir in (run_dir / "checkpoint_manager_snapshot.json").read_text()
-        except OSError:
-            return False
-
-    def killer():
-        # The worker is looked up while the run starts (Ray's state API can take seconds on a loaded box), so
-        # the kill itself follows the first committed checkpoint within ~0.1 s, long before step 32.
-        deadline, worker = time.monotonic() + 300, None
-        while time.monotonic() < deadline and worker is None:
-            try:
-                mine = _train_workers_of_this_job() - earlier
-                worker = min(mine) if mine else None
-            except Exception as err:  # ray.init not done yet in this process
-                errors[:] = [repr(err)]
-            time.sleep(0.2)
-        while time.monotonic() < deadline and not committed("step_00000004"):
-            time.sleep(0.05)
-        if worker is not None:
-            try:
-                os.kill(worker[1], signal.SIGKILL)
-                killed.append(worker)
-            except OSError as err:  # surfaces in the assert below instead of dying with the thread
-                errors.append(repr(err))
-
-    import ray
-
-    earlier = _train_workers_of_this_job() if ray.is_initialized() else set()  # other tests' runs on the session Ray
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
     overrides = ["train.max_steps=32", "train.checkpoint_every=4", "train.log_every=4", "train.batch_size=4",
                  "data.num_workers=1"]
-    first = pretrain("text", shards, overrides=overrides, workers=2, run_name=name, storage=tmp_path)
-    t.join(timeout=5)
-    assert killed, f"no Train worker of this run was found to kill {errors}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "D2V_STORAGE": str(tmp_path),
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    args = ["pretrain", "text", "--data", str(shards), "--workers", "2", "--run-name", name,
+            *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.Popen([sys.executable, "-m", "workers.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    err = Lines(proc)
+    try:
+        # the workers' pids come from the run's own driver.log (its startup lines, long before step 4), so the
+        # kill follows the registration of the step-4 checkpoint within ~0.1 s, far from the end at step 32
+        def started():
+            found = worker_pids(run_dir)
+            return (found,) if len(found) == 2 or proc.poll() is not None else None
+
+        (pids,) = wait_for(started, "the two Train workers' pids")
+        wait_for(lambda: "step_00000004" in registered(run_dir) or proc.poll() is not None, "checkpoint step 4")
+        assert proc.poll() is None and pids, err.text()[-3000:]
+        os.kill(min(pids), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    text = err.text()
+    assert proc.returncode == 0, text[-3000:]
+    first = json.loads(out.strip().splitlines()[-1])
     assert first["step"] == 32
     assert json.loads((run_dir / "step_00000032" / "state.json").read_text())["step"] == 32
-    assert "resumed from checkpoint at step" in "".join(capfd.readouterr())  # progress: our console (stderr)
+    assert "d2v pretrain: resumed from checkpoint at step" in text, text[-3000:]  # our console (stderr)
 
     overrides[0] = "train.max_steps=36"
     p, port = _pretrain_on_ray_head(["text", "--data", str(shards), "--workers", "2", "--run-name", name],
