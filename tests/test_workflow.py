@@ -53,12 +53,13 @@ def check_registered(client, modality: str, pre: dict, storage: Path, preset: st
     assert (model / "artifacts" / "model.safetensors").read_bytes() == (final / "model.safetensors").read_bytes()
 
 
-def check_children(client, modality: str, statuses: set[str]) -> None:
+def check_children(client, modality: str, statuses: set[str],
+                   stages: tuple[str, ...] = ("evaluate", "pretrain", "shard")) -> None:
     exp = client.get_experiment_by_name(f"d2v-workflow-{modality}")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
     last = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0].info.run_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == last]
-    assert sorted(r.data.tags["stage"] for r in children) == ["evaluate", "pretrain", "shard"]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(stages)
     assert {r.data.tags["status"] for r in children} == statuses
 
 
@@ -77,6 +78,9 @@ def test_workflow_end_to_end_then_rerun_skips(modality, demo_shards, mlflow_serv
         (empty / "test").mkdir()
         labelled = empty
     plan = Plan(modality, demo / "pretrain", tmp_path / "shards", labelled, overrides=STEPS, workers=2)
+    if modality == "vision":  # and a fine-tune stage after evaluation (`--finetune classify --finetune-set ...`)
+        plan.finetune, plan.finetune_data = "classify", demo / "labelled"
+        plan.finetune_overrides = ["epochs=2", "batch_size=16"]
     if modality == "vision":
         with pytest.raises(WorkflowError, match="evaluate"):
             run_workflow(plan)
@@ -104,6 +108,25 @@ def test_workflow_end_to_end_then_rerun_skips(modality, demo_shards, mlflow_serv
     assert float(mv.tags["eval.linear-probe.raw_accuracy"]) == ev["raw_accuracy"]
     assert mv.tags["eval.linear-probe.promotion"] == ev["promotion_reason"]
 
+    stages = ["evaluate", "pretrain", "shard"]
+    if plan.finetune:
+        stages.append("finetune")
+        check_finetuned(c, state["finetune"], pre)
+
     recorded = json.loads(plan.state_file.read_text())
     assert run_workflow(plan) == recorded  # every stage skipped: outputs and timings unchanged
-    check_children(c, modality, {"skipped"})
+    check_children(c, modality, {"skipped"}, stages)
+
+
+def check_finetuned(client, stage: dict, pre: dict) -> None:
+    """The fine-tune stage registered data2vec-<modality>-classify from the pretrained version, with its test
+    accuracy, and moved `champion` by that accuracy (workers/finetune/register.py promote) as MLflow reads it."""
+    from workers.evaluate.record import CHAMPION
+
+    ft = stage["outputs"]
+    assert stage["status"] == "done" and ft["model"] == "models:/data2vec-vision-classify@candidate"
+    mv = client.get_model_version("data2vec-vision-classify", ft["version"])
+    assert mv.run_id == ft["run_id"] and mv.tags["parent.version"] == pre["version"]
+    assert float(mv.tags["test.accuracy"]) == ft["accuracy"] and mv.tags["finetune.promotion"] == ft["promotion_reason"]
+    champion = client.get_registered_model("data2vec-vision-classify").aliases.get(CHAMPION)
+    assert (str(champion) == str(ft["version"])) == ft["promoted"], (champion, ft)

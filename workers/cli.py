@@ -86,7 +86,8 @@ def cmd_workflow(a: argparse.Namespace) -> None:
     plan = Plan(a.modality, Path(a.input).resolve() if a.input else None, data,
                 Path(a.labelled).resolve() if a.labelled else None, preset=a.preset, overrides=a.set,
                 workers=a.workers, task=a.task, version=a.version, finetune=a.finetune,
-                finetune_data=Path(a.finetune_data).resolve() if a.finetune_data else None)
+                finetune_data=Path(a.finetune_data).resolve() if a.finetune_data else None,
+                finetune_overrides=a.finetune_set)
     state = run_workflow(plan)
     print(json.dumps({k: {"status": v.get("status"), "fingerprint": v.get("fingerprint")} for k, v in state.items()}))
     ev = state.get("evaluate", {}).get("outputs", {})
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finetune", choices=("classify", "asr"), default=None,
                    help="add a fine-tune stage after evaluation (`d2v finetune --task T`), promoted by its metric")
     s.add_argument("--finetune-data", default=None, help="labelled data of the fine-tune stage (default: demo)")
+    s.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override of the fine-tune stage (as `d2v finetune --set`), repeatable")
     s.set_defaults(fn=cmd_workflow)
 
     s = sub.add_parser("embed", help="final-layer hidden states [T, D] per input (.npz), or --data: pooled "

@@ -44,6 +44,7 @@ class Plan:
     version: str | None = None  # data2vec version; None = the modality's default (model.presets.DEFAULT_VERSION)
     finetune: str | None = None  # fine-tune stage task ("classify", "asr"); None = no fine-tune stage
     finetune_data: Path | None = None  # its labelled data; None = the task's demo split
+    finetune_overrides: list[str] = field(default_factory=list)  # its recipe overrides (`d2v finetune --set`)
 
     @property
     def resolved_version(self) -> str:
@@ -111,7 +112,8 @@ def stage_finetune(plan: Plan, model: str, run_name: str) -> dict:
     from .finetune.register import promote
     from .finetune.tasks import get_task
 
-    out = finetune(model, plan.finetune, data=plan.finetune_data, workers=plan.workers, run_name=run_name)
+    out = finetune(model, plan.finetune, data=plan.finetune_data, overrides=plan.finetune_overrides,
+                   workers=plan.workers, run_name=run_name)
     task = get_task(plan.finetune)
     name = out["model"].removeprefix("models:/").split("@")[0]
     out["promoted"], out["promotion_reason"] = promote(name, out["version"], task.metric, task.lower_is_better)
@@ -154,7 +156,7 @@ def run_workflow(plan: Plan) -> dict:
         _stage(plan, state, c, exp, pid, "evaluate", eval_fp, lambda: stage_evaluate(plan, model))
         if plan.finetune:  # after evaluation: the fine-tuned model of the same encoder version
             ft_data = plan.finetune_data
-            ft_fp = _hash("finetune", model, plan.finetune, plan.workers,
+            ft_fp = _hash("finetune", model, plan.finetune, plan.workers, sorted(plan.finetune_overrides),
                           listing_fingerprint(ft_data) if ft_data and ft_data.is_dir() else "demo")
             ft_name = f"workflow-{plan.modality}-ft-{ft_fp[:8]}"
             _stage(plan, state, c, exp, pid, "finetune", ft_fp, lambda: stage_finetune(plan, model, ft_name),
