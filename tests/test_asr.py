@@ -327,8 +327,11 @@ def test_finetune_job_registers_a_recogniser_that_transcribes(capsys, tmp_path, 
         assert c.get_metric_history(out["run_id"], f"test_{key}")[-1].value == out[key]
     assert [m.step for m in c.get_metric_history(out["run_id"], "train_loss")][-1] == 160  # 4 updates an epoch, 40 epochs
 
-    # the registered artifacts: encoder + head weights (safetensors) + the vocabulary, no optimizer state
-    art = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "registered")))
+    # the registered artifacts: encoder + head weights (safetensors) + the vocabulary, no optimizer state; the
+    # version is an MLflow Model (workers/registry/finetuned_model.py), the checkpoint files its artifacts
+    model_dir = Path(mlflow.artifacts.download_artifacts(mv.source, dst_path=str(tmp_path / "registered")))
+    assert (model_dir / "MLmodel").is_file()
+    art = model_dir / "artifacts"
     assert {"model.safetensors", "config.yaml", "head.safetensors", "head_config.json"} <= {p.name for p in art.iterdir()}
     assert not (art / "optimizer.pt").exists()
     head_cfg = json.loads((art / "head_config.json").read_text())

@@ -29,7 +29,7 @@ ATOL = 1e-5
 
 # The consumer: a Python without site processing (-S: .pth files, including d2v's editable-install finder, never
 # run) and isolated (-I: no PYTHONPATH, no cwd on sys.path), given only the venv's site-packages directory.
-CONSUMER = r"""
+CONSUMER_START = r"""
 import importlib.util, json, sys
 sys.path.append(sys.argv[1])
 for name in ("model", "workers", "pipelines"):
@@ -39,7 +39,8 @@ def refuse(*a, **k):
     raise AssertionError("loading the model tried to unpickle something")
 pickle.load = pickle.loads = torch.load = refuse
 spec = json.load(open(sys.argv[2]))
-out = {"errors": {}, "modules": {}}
+"""
+CONSUMER = CONSUMER_START + r"""out = {"errors": {}, "modules": {}}
 for modality, s in spec.items():
     m = mlflow.pyfunc.load_model(s["uri"])
     items = [bytes.fromhex(x["hex"]) if isinstance(x, dict) and "hex" in x else x for x in s["inputs"]]

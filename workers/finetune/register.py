@@ -1,11 +1,16 @@
 """Record and register a finished fine-tune.
 
 - the run (experiment `d2v-finetune-<modality>`): metrics `test_<m>` (and `baseline_<m>` with --baseline),
-  a curves PNG, the fine-tuned checkpoint (without optimizer state) as artifact `finetuned/`;
-- a new version of `data2vec-<modality>-<task>` whose source is that artifact (a checkpoint directory, so
-  `models:/…` resolves to it like any d2v checkpoint), alias `candidate`, tags: task, metric, the test metrics,
-  `parent.name` / `parent.version` / `parent.uri` (the encoder it started from), run id, data fingerprint,
-  weights sha256 (the same weights of the same run are not registered twice);
+  a curves PNG, and the fine-tuned model logged as MLflow Model `finetuned` (below);
+- a new version of `data2vec-<modality>-<task>` that is an MLflow pyfunc Model logged from code
+  (workers/registry/finetuned_model.py: `mlflow.pyfunc.load_model(...).predict([...])` -> labels and
+  probabilities, or transcripts; `mlflow models serve` serves it): code, pinned requirements, a signature and an
+  input example, and the checkpoint's files as its artifacts -- model.safetensors, config.yaml,
+  head.safetensors, head_config.json (+ tokenizer.json), no optimizer state -- so `models:/…` also resolves
+  to a fine-tuned checkpoint directory (workers/registry/resolve.py) for `d2v transcribe` / `d2v export`.
+  Alias `candidate`, tags: task, metric, the test metrics, `parent.name` / `parent.version` / `parent.uri`
+  (the encoder it started from), run id, data fingerprint, weights sha256 (the same weights of the same run
+  are not registered twice: nothing is logged, the alias moves back to that version);
 - the parent encoder's version (when MODEL was a registered one) gets `finetune.<task>.<metric>` (and
   `finetune.<task>.baseline_<metric>`, `finetune.<task>.model` = `<name>/<version>`).
 """
@@ -13,18 +18,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
-from model.checkpoint import MODEL_FILE
+from model.checkpoint import MODEL_FILE, load_config
 
 from .. import tracking
 from ..registry.register import CANDIDATE, find_version, sha256
-from . import HEAD_FILE, FinetuneError
+from . import HEAD_CONFIG_FILE, HEAD_FILE, FinetuneError
 
-ARTIFACT = "finetuned"
-SKIP_FILES = {"optimizer.pt"}  # training state for resume only; it stays in the run's storage
+ARTIFACT = "finetuned"  # the logged MLflow Model's name in the run
+# pyfunc artifact name -> checkpoint file, besides weights / config / tokenizer (registry/log.py); optimizer.pt
+# and state.json (resume only) stay in the run's Ray storage
+HEAD_ARTIFACTS = {"head": HEAD_FILE, "head_config": HEAD_CONFIG_FILE}
 
 
 def model_name(modality: str, task: str) -> str:
@@ -80,17 +86,25 @@ def _metrics(values: dict):
     return [Metric(k, float(v), ts, 0) for k, v in values.items()]
 
 
+def log_finetuned(run_id: str, ckpt: Path, tmp: Path):
+    """Log fine-tuned checkpoint dir `ckpt` into run `run_id` as a pyfunc MLflow Model (finetuned_model.py)
+    -> mlflow.models.model.ModelInfo."""
+    from ..registry.log import FINETUNED_FILE, input_example, log_pyfunc
+
+    example = input_example(load_config(ckpt))[0]  # the encoders' example items; this model takes no params
+    task = json.loads((ckpt / HEAD_CONFIG_FILE).read_text(encoding="utf-8"))["task"]
+    return log_pyfunc(run_id, ckpt, tmp, ARTIFACT, python_model=FINETUNED_FILE, extra_artifacts=HEAD_ARTIFACTS,
+                      example=example, model_config={"task": task})
+
+
 def register(c, run_id: str, ckpt: Path, p, metrics: dict, run_name: str) -> tuple[str, str]:
-    """Log the fine-tuned checkpoint and register it (alias candidate) -> (name, version)."""
+    """Log the fine-tuned checkpoint as an MLflow Model and register it (alias candidate) -> (name, version).
+    `p`: the job's Prepared (task, cfg, ref, data, fingerprint)."""
     from mlflow.exceptions import MlflowException
 
     modality, task = p.cfg.model.modality, p.task
     name = model_name(modality, task.name)
     weights = sha256(ckpt / MODEL_FILE)[:32] + sha256(ckpt / HEAD_FILE)[:32]
-    with tempfile.TemporaryDirectory(prefix="d2v-ft-register-") as tmp:
-        staged = Path(tmp) / ARTIFACT
-        shutil.copytree(ckpt, staged, ignore=lambda _d, names: [n for n in names if n in SKIP_FILES])
-        c.log_artifacts(run_id, str(staged), ARTIFACT)
     existing = find_version(c, name, run_id, weights)
     if existing is not None:
         c.set_registered_model_alias(name, CANDIDATE, existing)
@@ -101,8 +115,8 @@ def register(c, run_id: str, ckpt: Path, p, metrics: dict, run_name: str) -> tup
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         c.create_registered_model(name, description=f"data2vec {modality} encoders fine-tuned by `d2v finetune "
-                                                     f"--task {task.name}` (encoder + head checkpoint)")
-    head = json.loads((ckpt / "head_config.json").read_text())
+                                                     f"--task {task.name}` (MLflow pyfunc models: encoder + head)")
+    head = json.loads((ckpt / HEAD_CONFIG_FILE).read_text(encoding="utf-8"))
     tags = {"task": task.name, "metric": task.metric, "lower_is_better": str(task.lower_is_better),
             "modality": modality, "preset": p.cfg.preset, "version": p.cfg.version, "run_id": run_id,
             "run_name": run_name, "data": str(p.data), "data_fingerprint": p.fingerprint,
@@ -110,12 +124,15 @@ def register(c, run_id: str, ckpt: Path, p, metrics: dict, run_name: str) -> tup
             "head": json.dumps(head)[:5000], **{f"test.{k}": repr(v) for k, v in metrics.items()}}
     if p.ref.version is not None:
         tags.update({"parent.name": p.ref.name, "parent.version": p.ref.version})
+    output = "the greedy transcript per input" if task.name == "asr" else "per input {label, probabilities}"
     desc = (f"{modality} encoder fine-tuned for {task.name} from {p.ref.given} (run '{run_name}', id {run_id}); "
-            f"test {task.metric} {metrics[task.metric]:.4f}. Load: workers.registry.resolve_model(uri) -> a d2v "
-            f"checkpoint directory with head.safetensors + head_config.json; `d2v export --format hf` for "
-            f"Hugging Face.")
-    mv = c.create_model_version(name, source=f"runs:/{run_id}/{ARTIFACT}", run_id=run_id, tags=tags,
-                                description=desc)
+            f"test {task.metric} {metrics[task.metric]:.4f}. An MLflow pyfunc model: mlflow.pyfunc.load_model("
+            f"'models:/{name}/<version>').predict([...]) -> {output}. d2v: workers.registry.resolve_model(uri) "
+            f"-> its checkpoint directory; `d2v export --format hf` for Hugging Face.")
+    with tempfile.TemporaryDirectory(prefix="d2v-ft-register-") as tmp:
+        info = log_finetuned(run_id, ckpt, Path(tmp))
+    mv = c.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, description=desc,
+                                model_id=info.model_id)
     c.set_registered_model_alias(name, CANDIDATE, mv.version)
     return name, str(mv.version)
 

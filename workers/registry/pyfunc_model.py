@@ -7,13 +7,8 @@ unpickling an object. Weights are read from safetensors, the config from YAML: n
     m.predict(["a.png", open("b.jpg", "rb").read()])          # (N, D) float32
     m.predict(["a.png"], params={"output": "states"})          # [(T, D) float32, ...]
 
-Inputs: one list, one item per example.
-    vision  an image file path (str), the encoded file's bytes, or {"b64": "<base64 of the file>"} (JSON / REST)
-    audio   an audio file path, encoded bytes or {"b64": ...}, or a float waveform at 16 kHz (list or 1-D array)
-    text    a string, tokenised with the checkpoint's tokenizer.json
-Preprocessing is `d2v embed`'s (workers/preprocess.py): vision resize + centre crop + ImageNet normalisation;
-audio mono 16 kHz, per-utterance normalisation when the model was trained with it (waveforms too: they are
-treated like the samples of a file); text `<s> ids </s>`, truncated to the model's positions.
+Inputs and preprocessing: workers/pyfunc_common.py (shared with the fine-tuned models): per modality a file
+path, the encoded bytes or {"b64": ...} (JSON / REST), a 16 kHz waveform (audio), a string (text).
 
 Outputs (`params={"output": ...}`):
     pooled (default)  (N, D): the mean of the final-layer hidden states over the positions after the prefix
@@ -24,19 +19,16 @@ Outputs (`params={"output": ...}`):
 Bad inputs: every item is decoded before anything runs; if any fails, one error names each bad item's index and
 what is wrong (nothing is computed, so no result is silently missing).
 
-Imports: only model/ (pure PyTorch), workers/preprocess.py (with pipelines/{decode,tokenizer}.py for text) and
-third-party libraries. Those files travel with the model as `code_paths` (see log.py), so a consumer that has
-never installed d2v loads it.
+Imports: only model/ (pure PyTorch), workers/pyfunc_common.py and preprocess.py (with
+pipelines/{decode,tokenizer}.py for text) and third-party libraries. Those files travel with the model as
+`code_paths` (see log.py), so a consumer that has never installed d2v loads it.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -44,102 +36,18 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-from model.checkpoint import CONFIG_FILE, MODEL_FILE, load_encoder
-from model.config import Config
-from model.frontends import audio_frames
-from workers import preprocess
+from model.checkpoint import load_encoder
+# BadInput and the decoders are also imported from here (workers/embed_batch.py)
+from workers.pyfunc_common import (  # noqa: F401
+    DECODERS, BadInput, as_items, checkpoint_dir, decode_all, decode_audio, decode_image, decode_text, file_source,
+    same_shape_chunks,
+)
 
 # predict() takes list[Any] on purpose (paths, bytes, {"b64"}, waveforms, strings); each item is checked by the
-# decoders below, so MLflow's "Any type hint ... doesn't validate the data" warning is noise for this model.
+# decoders (pyfunc_common.py), so MLflow's "Any type hint ... doesn't validate the data" warning is noise here.
 warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
 OUTPUTS = ("pooled", "states")
 BATCH_SIZE = 32  # inputs of one shape per forward pass
-
-
-class BadInput(ValueError):
-    """One input item that cannot be embedded; the message says why."""
-
-
-# ------------------------------------------------------------------------------------------------ decoding
-def file_source(item: Any, what: str) -> str | bytes:
-    """A path (str, must exist), raw bytes or {"b64": base64} -> what preprocess's readers take."""
-    if isinstance(item, str):
-        if not Path(item).is_file():
-            raise BadInput(f"no such {what} file {item!r} (send the file's bytes, or {{'b64': ...}} over REST)")
-        return item
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        data = bytes(item)
-    elif isinstance(item, dict) and set(item) == {"b64"} and isinstance(item["b64"], str):
-        try:
-            data = base64.b64decode(item["b64"], validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise BadInput(f"'b64' is not valid base64 ({err})") from None
-    else:
-        raise BadInput(f"wrong type {type(item).__name__}: expected the {what} file's path (str), its bytes "
-                       "or {'b64': str}")
-    if not data:
-        raise BadInput(f"empty {what} bytes")
-    return data
-
-
-def decode_image(item: Any, cfg: Config, tokenizer: Path | None) -> torch.Tensor:
-    src = file_source(item, "image")
-    try:
-        img = preprocess.open_image(src)
-    except Exception as err:  # PIL raises several types for undecodable data
-        raise BadInput(f"cannot decode the image ({type(err).__name__}: {err})") from None
-    return preprocess.eval_image(img, cfg.model.frontend.image_size)  # (3, H, W)
-
-
-def decode_audio(item: Any, cfg: Config, tokenizer: Path | None) -> torch.Tensor:
-    if isinstance(item, (list, tuple, np.ndarray)):
-        try:
-            wav = np.asarray(item, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            raise BadInput(f"a waveform must be a list of numbers ({err})") from None
-        if wav.ndim != 1:
-            raise BadInput(f"a waveform must be 1-D (mono samples at 16 kHz), got shape {wav.shape}")
-        if not np.isfinite(wav).all():
-            raise BadInput("the waveform has NaN or infinite samples")
-    else:
-        src = file_source(item, "audio")
-        try:
-            wav = preprocess.load_audio(src)
-        except Exception as err:  # soundfile / librosa raise several types
-            raise BadInput(f"cannot decode the audio ({type(err).__name__}: {err})") from None
-    if wav.size == 0:
-        raise BadInput("empty audio (0 samples)")
-    if audio_frames(len(wav), cfg.model.frontend.conv_layers) < 1:
-        raise BadInput(f"{len(wav)} samples is shorter than one frame of the model's feature extractor")
-    return torch.from_numpy(preprocess.normalize_wave(wav) if cfg.data.normalize else wav)  # (S,)
-
-
-def decode_text(item: Any, cfg: Config, tokenizer: Path | None) -> torch.Tensor:
-    if not isinstance(item, str):
-        raise BadInput(f"wrong type {type(item).__name__}: expected a string")
-    if tokenizer is None:
-        raise BadInput("this model was registered without tokenizer.json, so strings cannot be tokenised")
-    f = cfg.model.frontend
-    ids = preprocess.encode_text(tokenizer, item.encode("utf-8"), f.max_positions - f.pad_id - 1)
-    return torch.tensor(ids, dtype=torch.long)  # (T,)
-
-
-DECODERS: dict[str, Callable[[Any, Config, Path | None], torch.Tensor]] = {
-    "vision": decode_image, "audio": decode_audio, "text": decode_text,
-}
-
-
-def as_items(model_input: Any) -> list:
-    """The list of inputs, also from a pandas DataFrame (first column) or Series, or a 2-D waveform array."""
-    if hasattr(model_input, "iloc"):  # pandas, without importing it
-        column = model_input.iloc[:, 0] if model_input.ndim == 2 else model_input
-        return column.tolist()
-    if isinstance(model_input, np.ndarray):
-        return list(model_input) if model_input.ndim == 2 else model_input.tolist()
-    if isinstance(model_input, (list, tuple)):
-        return list(model_input)
-    raise MlflowException.invalid_parameter_value(
-        f"model_input must be a list of inputs (one per example), got {type(model_input).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -152,26 +60,12 @@ class D2VEncoder(PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.cfg, self.encoder = load_encoder(ckpt, which="student", map_location=self.device)  # eval mode
         self.tokenizer = Path(arts["tokenizer"]) if arts.get("tokenizer") else None
-        self.decode = DECODERS[self.cfg.model.modality]
 
     def predict(self, context, model_input: list[Any], params: dict[str, Any] | None = None):
         output = (params or {}).get("output", "pooled")
         if output not in OUTPUTS:
             raise MlflowException.invalid_parameter_value(f"params output={output!r}: expected one of {list(OUTPUTS)}")
-        items = as_items(model_input)
-        if not items:
-            raise MlflowException.invalid_parameter_value("model_input is empty: nothing to embed")
-        xs, errors = [], []
-        for i, item in enumerate(items):
-            try:
-                xs.append(self.decode(item, self.cfg, self.tokenizer))
-            except BadInput as err:
-                errors.append(f"[{i}] {err}")
-        if errors:
-            raise MlflowException.invalid_parameter_value(
-                f"{len(errors)} of {len(items)} {self.cfg.model.modality} inputs cannot be embedded (nothing was "
-                f"computed): " + "; ".join(errors))
-        states = self.states(xs)
+        states = self.states(decode_all(model_input, self.cfg, self.tokenizer, "embedded"))
         if output == "states":
             return states
         p = self.encoder.prefix_len
@@ -182,27 +76,12 @@ class D2VEncoder(PythonModel):
         """Final-layer states (T, D) per input. Inputs of one shape share a forward pass: no padding, so each
         result equals that input run alone."""
         out: list[np.ndarray | None] = [None] * len(xs)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, x in enumerate(xs):
-            by_shape.setdefault(tuple(x.shape), []).append(i)
-        for index in by_shape.values():
-            for k in range(0, len(index), BATCH_SIZE):
-                chunk = index[k : k + BATCH_SIZE]
-                x = torch.stack([xs[i] for i in chunk]).to(self.device)  # (B, 3, H, W) or (B, S)
-                last = self.encoder(x).last.float().cpu().numpy()  # (B, T, D)
-                for j, i in enumerate(chunk):
-                    out[i] = last[j]
+        for chunk in same_shape_chunks(xs, BATCH_SIZE):
+            x = torch.stack([xs[i] for i in chunk]).to(self.device)  # (B, 3, H, W) or (B, S)
+            last = self.encoder(x).last.float().cpu().numpy()  # (B, T, D)
+            for j, i in enumerate(chunk):
+                out[i] = last[j]
         return out  # type: ignore[return-value]
-
-
-def checkpoint_dir(weights: Path, config: Path) -> Path:
-    """MLflow puts both artifacts in one folder; if a future version does not, link them into one."""
-    if weights.parent == config.parent and weights.name == MODEL_FILE and config.name == CONFIG_FILE:
-        return weights.parent
-    d = Path(tempfile.mkdtemp(prefix="d2v-pyfunc-"))
-    (d / MODEL_FILE).symlink_to(weights.resolve())
-    (d / CONFIG_FILE).symlink_to(config.resolve())
-    return d
 
 
 mlflow.models.set_model(D2VEncoder())

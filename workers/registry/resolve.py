@@ -1,7 +1,9 @@
 """Where models live: local checkpoint directories and MLflow (`runs:/…`, `models:/name@alias`, `models:/name/3`).
 
 Two registered formats resolve to the same thing, a directory with `config.yaml` + `model.safetensors`:
-- an MLflow Model (pyfunc from code, see `pyfunc_model.py`): the files sit in its `artifacts/` folder;
+- an MLflow Model (pyfunc from code, see `pyfunc_model.py`; fine-tuned `data2vec-<m>-<task>` versions:
+  `finetuned_model.py`): the files sit in its `artifacts/` folder, for a fine-tuned model with
+  `head.safetensors` + `head_config.json` beside them (a fine-tuned checkpoint directory, workers/finetune);
 - an old-format version (registered before pyfunc models): the raw checkpoint directory itself.
 """
 
