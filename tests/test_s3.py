@@ -60,8 +60,9 @@ def test_local_ray_on_object_storage_through_a_tracking_outage(s3_server, tmp_pa
     --data s3:// --storage s3://` while its (test-owned) MLflow server is stopped after the first logged steps
     and started again, on the same port and backend store, before training ends. Training never stops (steps
     advance while the server is down); afterwards the metric history holds every step exactly once, the run is
-    FINISHED and registered; boto3 finds the checkpoints in the bucket; `d2v evaluate models:/...` reads the
-    version back. Storage is configured only by the AWS_* variables the s3_server fixture sets."""
+    FINISHED and registered; boto3 finds the checkpoints in the bucket; the same command with more steps
+    resumes from the newest checkpoint in the bucket, in the same MLflow run; `d2v evaluate models:/...` reads
+    the version back. Storage is configured only by the AWS_* variables the s3_server fixture sets."""
     boto3 = require("boto3", "the independent S3 client")
     from mlflow import MlflowClient
 
@@ -128,6 +129,19 @@ def test_local_ray_on_object_storage_through_a_tracking_outage(s3_server, tmp_pa
             assert json.loads(s3.get_object(Bucket=bucket, Key=state)["Body"].read())["step"] == step
             assert state.replace("state.json", "model.safetensors") in keys
         assert not any(k.endswith(".tmp") for k in keys) and result["checkpoint"].startswith(f"{storage}/{run}/")
+
+        # the same command, same run name, more steps (what re-running a killed driver does; tests/test_failures.py
+        # SIGKILLs one on local storage): the driver finds the newest whole checkpoint in the bucket and continues
+        # the same MLflow run from it
+        longer = [f"train.max_steps={steps + 4}" if o.startswith("train.max_steps") else o for o in overrides]
+        p = subprocess.run([sys.executable, "-m", "workers.cli", "pretrain", "vision", "--data", shards, "--storage",
+                            storage, "--run-name", run, *[a for o in longer for a in ("--set", o)]],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert f"d2v pretrain: resumed from checkpoint at step {steps}" in p.stderr, p.stderr[-3000:]
+        again = json.loads(p.stdout.strip().splitlines()[-1])
+        assert again["run_id"] == result["run_id"] and again["step"] == steps + 4
+        assert sorted(m.step for m in c.get_metric_history(result["run_id"], "loss")) == list(range(1, steps + 5))
 
         # evaluation resolves the registered version from this tracking server (the CLI in-process)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
